@@ -1,0 +1,5 @@
+"""Fused ops: one file per op (reference, chunked path, autograd Function, dispatch)."""
+from alignfast.ops.cross_entropy import linear_cross_entropy
+from alignfast.ops.logprobs import LogProbs, linear_logprobs
+
+__all__ = ["LogProbs", "linear_cross_entropy", "linear_logprobs"]

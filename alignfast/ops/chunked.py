@@ -1,0 +1,112 @@
+"""The token-chunked driver shared by the `chunked` and `cpp` backends.
+
+Tokens are processed `rows` at a time (a byte budget, see `LogitOptions.chunk_rows`): one BLAS
+call makes the [rows, V] block of logits, a row kernel (`alignfast.ops.rowwise` in PyTorch, or
+`alignfast.ops.native_rows` in C++) reduces it or turns it into its gradient in place, and two
+more BLAS calls push that gradient to `hidden` and `weight`. The [N, V] logits never exist.
+
+Vocab projections per call: forward 1; backward 3 (recompute, grad_hidden, grad_weight);
+`forward_backward`, for an upstream gradient known in the forward (mean/sum cross-entropy), 3.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from alignfast.ops.options import LogitOptions, compute_dtype
+from alignfast.ops.rowwise import RowStats
+
+# (g_logprob, g_entropy, g_lse, g_zmean) for one chunk, from that chunk's statistics.
+Upstream = Callable[[RowStats], tuple]
+
+
+def logits_block(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Raw logits h·Wᵀ + b of a chunk of tokens, in the accumulation dtype."""
+    z = torch.mm(hidden, weight.t()) if bias is None else torch.addmm(bias, hidden, weight.t())
+    return z.to(compute_dtype(hidden.dtype))
+
+
+class ChunkedLogProbs:
+    """Forward, backward and fused forward-backward over token chunks, for one row-kernel set."""
+
+    def __init__(self, rows):
+        self.rows = rows  # a module with `stats(z, targets, opts)` and `grad_(z, targets, ...)`
+
+    def forward(self, hidden, weight, bias, targets, opts: LogitOptions) -> RowStats:
+        n, cdtype = hidden.shape[0], compute_dtype(hidden.dtype)
+        out = _empty_stats(n, opts, cdtype, hidden.device)
+        step = opts.chunk_rows(weight.shape[0], cdtype)
+        for start in range(0, n, step):
+            sl = slice(start, start + step)
+            _store(out, sl, self.rows.stats(logits_block(hidden[sl], weight, bias), targets[sl], opts))
+        return out
+
+    def backward(self, hidden, weight, bias, targets, lse, entropy, grads, opts: LogitOptions, needs):
+        """grads = (g_logprob, g_entropy, g_lse, g_zmean), each [N] or None; needs = which of
+        (hidden, weight, bias) want a gradient."""
+        acc = _GradAccumulator(hidden, weight, bias, needs)
+        step = opts.chunk_rows(weight.shape[0], compute_dtype(hidden.dtype))
+        for start in range(0, hidden.shape[0], step):
+            sl = slice(start, start + step)
+            z = logits_block(hidden[sl], weight, bias)
+            chunk_grads = [None if g is None else g[sl] for g in grads]
+            ent = None if entropy is None else entropy[sl]
+            acc.add(sl, self.rows.grad_(z, targets[sl], lse[sl], ent, *chunk_grads, opts))
+        return acc.result()
+
+    def forward_backward(self, hidden, weight, bias, targets, opts: LogitOptions, upstream: Upstream, needs):
+        """Statistics and gradients in one sweep, when the upstream gradient of each chunk follows
+        from that chunk's own statistics: 3 vocab projections instead of 4."""
+        n, cdtype = hidden.shape[0], compute_dtype(hidden.dtype)
+        out = _empty_stats(n, opts, cdtype, hidden.device)
+        acc = _GradAccumulator(hidden, weight, bias, needs)
+        step = opts.chunk_rows(weight.shape[0], cdtype)
+        for start in range(0, n, step):
+            sl = slice(start, start + step)
+            z = logits_block(hidden[sl], weight, bias)
+            st = self.rows.stats(z, targets[sl], opts)
+            _store(out, sl, st)
+            acc.add(sl, self.rows.grad_(z, targets[sl], st.lse, st.entropy, *upstream(st), opts))
+        return out, acc.result()
+
+
+class _GradAccumulator:
+    """grad_hidden rows, and grad_weight / grad_bias summed over chunks in the accumulation dtype."""
+
+    def __init__(self, hidden, weight, bias, needs):
+        self.hidden, self.weight = hidden, weight
+        self.cdtype = compute_dtype(hidden.dtype)
+        need_h, need_w, need_b = needs
+        self.gh = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
+        self.gw = torch.zeros(weight.shape, dtype=self.cdtype, device=weight.device) if need_w else None
+        self.gb = (torch.zeros(weight.shape[0], dtype=self.cdtype, device=weight.device)
+                   if (need_b and bias is not None) else None)
+        self.bias_dtype = None if bias is None else bias.dtype
+
+    def add(self, sl: slice, dz: torch.Tensor) -> None:
+        if self.gh is not None:
+            torch.mm(dz.to(self.hidden.dtype), self.weight, out=self.gh[sl])
+        if self.gw is not None:  # low-precision inputs: this product runs in fp32 (exact accumulation)
+            self.gw.addmm_(dz.t(), self.hidden[sl].to(self.cdtype))
+        if self.gb is not None:
+            self.gb += dz.sum(dim=0)
+
+    def result(self):
+        gw = None if self.gw is None else self.gw.to(self.weight.dtype)
+        gb = None if self.gb is None else self.gb.to(self.bias_dtype)
+        return self.gh, gw, gb
+
+
+def _empty_stats(n: int, opts: LogitOptions, dtype, device) -> RowStats:
+    def empty():
+        return torch.empty(n, dtype=dtype, device=device)
+
+    return RowStats(empty(), empty() if opts.with_entropy else None, empty(),
+                    empty() if opts.with_zmean else None)
+
+
+def _store(out: RowStats, sl: slice, st: RowStats) -> None:
+    for dst, src in zip(out, st):
+        if dst is not None:
+            dst[sl] = src

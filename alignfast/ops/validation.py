@@ -1,0 +1,84 @@
+"""Checks at the public boundary. Kernels assume their input passed these."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def require_tensor(name: str, value, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32, bfloat16, float16 or float64, got {t.dtype} "
+                         f"(shape {_shape(t)})")
+
+
+def check_linear_head(hidden, weight, bias=None, *, prefix: str = "") -> None:
+    """hidden [..., H], weight [V, H], bias [V] | None: shapes, dtypes, devices."""
+    h, w, b = f"{prefix}hidden", f"{prefix}weight", f"{prefix}bias"
+    require_tensor(h, hidden)
+    require_tensor(w, weight)
+    require_tensor(b, bias, optional=True)
+    check_float(h, hidden)
+    check_float(w, weight)
+    if hidden.dim() < 2:
+        raise ValueError(f"{h} must be [N, H] or [B, T, H], got shape {_shape(hidden)}")
+    if weight.dim() != 2:
+        raise ValueError(f"{w} must be 2-D [V, H], got shape {_shape(weight)}")
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{h} {_shape(hidden)} and {w} {_shape(weight)} disagree on H: "
+                         f"{hidden.shape[-1]} != {weight.shape[1]}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"{w} has an empty vocabulary, shape {_shape(weight)}")
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"{h} ({hidden.dtype}) and {w} ({weight.dtype}) must have the same dtype")
+    if hidden.device != weight.device:
+        raise ValueError(f"{h} is on {hidden.device} but {w} is on {weight.device}")
+    if bias is not None:
+        check_float(b, bias)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"{b} must be [V]={weight.shape[0]}, got shape {_shape(bias)}")
+        if bias.device != weight.device:
+            raise ValueError(f"{b} is on {bias.device} but {w} is on {weight.device}")
+
+
+def check_targets(targets, hidden: torch.Tensor, vocab: int, ignore_index: int, *, name: str = "targets") -> None:
+    """targets has hidden's leading shape, an integer dtype, and values in [0, V) or ignore_index."""
+    require_tensor(name, targets)
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor, got {targets.dtype} (shape {_shape(targets)})")
+    if _shape(targets) != _shape(hidden)[:-1]:
+        raise ValueError(f"{name} shape {_shape(targets)} must equal hidden's leading shape "
+                         f"{_shape(hidden)[:-1]} (hidden is {_shape(hidden)})")
+    if targets.device != hidden.device:
+        raise ValueError(f"{name} is on {targets.device} but hidden is on {hidden.device}")
+    if targets.numel():
+        valid = targets[targets != ignore_index]
+        if valid.numel() and bool(((valid < 0) | (valid >= vocab)).any()):
+            bad = valid[(valid < 0) | (valid >= vocab)][0].item()
+            raise ValueError(f"{name} holds {bad}, outside [0, V={vocab}) and not ignore_index={ignore_index}")
+
+
+def check_positive(name: str, value, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def check_chunk_size(chunk_size) -> None:
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
