@@ -1,0 +1,66 @@
+"""Bad input to the public ops: a clear ValueError/TypeError/RuntimeError naming the argument."""
+import pytest
+import torch
+
+import alignfast
+from alignfast.dispatch import resolve
+
+H, V = 8, 20
+
+
+def args(**over):
+    a = dict(hidden=torch.randn(5, H), weight=torch.randn(V, H), targets=torch.randint(0, V, (5,)))
+    a.update(over)
+    return a
+
+
+BAD = {
+    "mismatched-H": (args(weight=torch.randn(V, H + 1)), ValueError, r"disagree on H"),
+    "targets-shape": (args(targets=torch.randint(0, V, (6,))), ValueError, r"targets shape \(6,\)"),
+    "weight-not-2d": (args(weight=torch.randn(V, H, 1)), ValueError, r"weight must be 2-D"),
+    "hidden-1d": (args(hidden=torch.randn(H)), ValueError, r"hidden must be"),
+    "float-targets": (args(targets=torch.rand(5)), ValueError, r"targets must be an integer"),
+    "target-too-big": (args(targets=torch.tensor([0, 1, V, 2, 3])), ValueError, r"outside \[0, V=20\)"),
+    "target-negative": (args(targets=torch.tensor([0, -1, 2, 2, 3])), ValueError, r"holds -1"),
+    "mixed-dtypes": (args(weight=torch.randn(V, H, dtype=torch.float64)), ValueError, r"same dtype"),
+    "int-hidden": (args(hidden=torch.ones(5, H, dtype=torch.int64)), ValueError, r"hidden must be float"),
+    "bias-shape": (args(bias=torch.randn(V + 1)), ValueError, r"bias must be \[V\]=20"),
+    "not-a-tensor": (args(hidden=[[1.0] * H]), TypeError, r"hidden must be a torch.Tensor"),
+    "temperature-0": (args(temperature=0.0), ValueError, r"temperature"),
+    "temperature-nan": (args(temperature=float("nan")), ValueError, r"temperature"),
+    "softcap-neg": (args(softcap=-1.0), ValueError, r"softcap"),
+    "chunk-0": (args(chunk_size=0), ValueError, r"chunk_size"),
+    "unknown-backend": (args(backend="magic"), ValueError, r"backend='magic' is unknown.*reference"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+@pytest.mark.parametrize("op", ["linear_logprobs", "linear_cross_entropy"])
+def test_bad_input_raises_clear_error(op, case):
+    kwargs, err, match = BAD[case]
+    kwargs = dict(kwargs)
+    fn = getattr(alignfast, op)
+    with pytest.raises(err, match=match):
+        fn(kwargs.pop("hidden"), kwargs.pop("weight"), kwargs.pop("targets"), **kwargs)
+
+
+def test_ignore_index_is_not_out_of_range():
+    out = alignfast.linear_logprobs(**args(targets=torch.tensor([0, -100, 2, -100, 3])))
+    assert (out.logprobs[[1, 3]] == 0).all()
+
+
+def test_unavailable_backend_lists_available():
+    with pytest.raises(RuntimeError, match=r"not available.*available: \["):
+        resolve("cuda", torch.device("cpu"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs two devices")
+def test_tensors_on_different_devices():
+    with pytest.raises(ValueError, match="is on"):
+        alignfast.linear_logprobs(torch.randn(5, H).cuda(), torch.randn(V, H), torch.randint(0, V, (5,)))
+
+
+def test_targets_on_other_device_is_reported(monkeypatch):
+    # A CPU-only machine cannot make a second real device; the meta device stands in for one.
+    with pytest.raises(ValueError, match="is on"):
+        alignfast.linear_logprobs(torch.randn(5, H), torch.randn(V, H), torch.randint(0, V, (5,), device="meta"))
