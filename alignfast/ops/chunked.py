@@ -55,15 +55,21 @@ class ChunkedLogProbs:
             acc.add(sl, self.rows.grad_(z, targets[sl], lse[sl], ent, *chunk_grads, opts))
         return acc.result()
 
-    def forward_backward(self, hidden, weight, bias, targets, opts: LogitOptions, upstream: Upstream, needs):
+    def forward_backward(self, hidden, weight, bias, targets, opts: LogitOptions, upstream: Upstream, needs,
+                         *, bounds=None):
         """Statistics and gradients in one sweep, when the upstream gradient of each chunk follows
-        from that chunk's own statistics: 3 vocab projections instead of 4."""
+        from that chunk's own statistics: 3 vocab projections instead of 4.
+
+        bounds: optional explicit chunks, (start, stop) row ranges covering [0, N) in order, e.g.
+        whole sequences (or pairs) per chunk so that `upstream` can evaluate a per-sequence loss;
+        `upstream` is then called once per range, in that order. Default: `opts.chunk_rows` rows."""
         n, cdtype = hidden.shape[0], compute_dtype(hidden.dtype)
         out = _empty_stats(n, opts, cdtype, hidden.device)
         acc = _GradAccumulator(hidden, weight, bias, needs)
         step = opts.chunk_rows(weight.shape[0], cdtype)
-        for start in range(0, n, step):
-            sl = slice(start, start + step)
+        ranges = ((s, s + step) for s in range(0, n, step)) if bounds is None else bounds
+        for start, stop in ranges:
+            sl = slice(start, stop)
             z = logits_block(hidden[sl], weight, bias)
             st = self.rows.stats(z, targets[sl], opts)
             _store(out, sl, st)
