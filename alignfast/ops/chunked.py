@@ -70,11 +70,17 @@ class ChunkedLogProbs:
         ranges = ((s, s + step) for s in range(0, n, step)) if bounds is None else bounds
         for start, stop in ranges:
             sl = slice(start, stop)
-            z = logits_block(hidden[sl], weight, bias)
-            st = self.rows.stats(z, targets[sl], opts)
+            st, dz = self._stats_grad_(logits_block(hidden[sl], weight, bias), targets[sl], opts, upstream)
             _store(out, sl, st)
-            acc.add(sl, self.rows.grad_(z, targets[sl], st.lse, st.entropy, *upstream(st), opts))
+            acc.add(sl, dz)
         return out, acc.result()
+
+    def _stats_grad_(self, z, targets, opts, upstream):
+        fused = getattr(self.rows, "stats_grad_", None)  # optional: one row kernel for both steps
+        if fused is not None:
+            return fused(z, targets, opts, upstream)
+        st = self.rows.stats(z, targets, opts)
+        return st, self.rows.grad_(z, targets, st.lse, st.entropy, *upstream(st), opts)
 
 
 class _GradAccumulator:

@@ -1,7 +1,7 @@
 """The row-wise work on one block of logits, in plain PyTorch.
 
 A chunked pass computes a [rows, V] block of raw logits with one BLAS call and hands it here.
-These two functions are all the arithmetic that happens between the matmuls; the `cpp` and
+`stats`, `grad_` and `stats_grad_` are all the arithmetic that happens between the matmuls; the `cpp` and
 `cuda` backends replace exactly them with one-pass native kernels (`alignfast.ops.native_rows`).
 
 With x = softcap·tanh(z/softcap)/temperature the tempered logits of a row and p = softmax(x):
@@ -37,12 +37,13 @@ def _tempered(z: torch.Tensor, opts: LogitOptions, *, inplace: bool) -> torch.Te
 
 
 def stats(z: torch.Tensor, targets: torch.Tensor, opts: LogitOptions) -> RowStats:
-    """Per-row statistics of the raw logits block `z` [n, V] (left unchanged)."""
-    x = _tempered(z, opts, inplace=False)
+    """Per-row statistics of the raw logits block `z` [n, V], which it overwrites (a row module
+    whose `stats` overwrites its block must provide `stats_grad_`, as this one does)."""
+    x = _tempered(z, opts, inplace=True)
     m = x.amax(dim=1)
     target_logit = x.gather(1, targets[:, None]).squeeze(1)
     zmean = x.mean(dim=1) if opts.with_zmean else None
-    shifted = x - m[:, None]
+    shifted = x.sub_(m[:, None])
     if opts.with_entropy:
         e = shifted.exp()
         s = e.sum(dim=1)
@@ -85,3 +86,35 @@ def grad_(z: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, entropy: to
     if cap_slope is not None:
         dz.mul_(cap_slope)
     return dz
+
+
+def stats_grad_(z: torch.Tensor, targets: torch.Tensor, opts: LogitOptions, upstream) -> RowStats:
+    """`stats`, then `grad_` with the upstream gradients `upstream(stats)` gives, overwriting `z`
+    with ∂L/∂z. Without entropy this needs no second block: p = e^{x−m}/s is formed in place."""
+    if opts.with_entropy:
+        st = stats(z.clone(), targets, opts)
+        return st, grad_(z, targets, st.lse, st.entropy, *upstream(st), opts)
+    inv_t = 1.0 / opts.temperature
+    x = _tempered(z, opts, inplace=True)
+    cap_slope = None
+    if opts.softcap is not None:
+        cap_slope = (x * (opts.temperature / opts.softcap)).square_().neg_().add_(1.0)
+    m = x.amax(dim=1)
+    target_logit = x.gather(1, targets[:, None]).squeeze(1)
+    zmean = x.mean(dim=1) if opts.with_zmean else None
+    e = x.sub_(m[:, None]).exp_()
+    s = e.sum(dim=1)
+    lse = m + s.log()
+    st = RowStats(target_logit - lse, None, lse, zmean)
+
+    g_logprob, _, g_lse, g_zmean = upstream(st)
+    zero = torch.zeros((), dtype=z.dtype, device=z.device)
+    coef = ((g_lse if g_lse is not None else zero) - (g_logprob if g_logprob is not None else zero)) * inv_t
+    dz = e.mul_((coef / s)[:, None])
+    if g_logprob is not None:
+        dz.scatter_add_(1, targets[:, None], (g_logprob * inv_t)[:, None].to(dz.dtype))
+    if g_zmean is not None:
+        dz.add_((g_zmean * (inv_t / z.shape[1]))[:, None])
+    if cap_slope is not None:
+        dz.mul_(cap_slope)
+    return st, dz
