@@ -19,8 +19,11 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*)
 demo: $(STAMP)
 	$(PY) -m alignfast.cli demo
 
+# The public API's contract lives beside the repo (../shared/contract) where the project has one.
+CONTRACT := $(wildcard ../shared/contract)
+
 test: $(STAMP)
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests $(CONTRACT) -q -p no:cacheprovider
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run --suite cpu
