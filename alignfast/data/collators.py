@@ -1,0 +1,77 @@
+"""Collators: examples of `encode.py` -> padded tensors, prompt and padding labels masked with -100.
+
+Labels are the input ids (unshifted, as in Hugging Face): the loss shifts them by one. Padding is on
+the right, so the last real token of row b is at `attention_mask[b].sum() - 1`.
+"""
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+def encode_rows(prompts: list[list[int]], completions: list[list[int]], pad_token_id: int,
+                completion_only: bool = True) -> dict[str, torch.Tensor]:
+    """input_ids, attention_mask, labels [B, T] for prompt + completion rows."""
+    ids = [p + c for p, c in zip(prompts, completions)]
+    labels = [([IGNORE_INDEX] * len(p) if completion_only else list(p)) + c for p, c in zip(prompts, completions)]
+    return {"input_ids": pad(ids, pad_token_id),
+            "attention_mask": pad([[1] * len(r) for r in ids], 0),
+            "labels": pad(labels, IGNORE_INDEX)}
+
+
+class SFTCollator:
+    """input_ids, attention_mask, labels (prompt masked unless completion_only=False)."""
+
+    def __init__(self, pad_token_id: int, completion_only: bool = True):
+        self.pad_token_id, self.completion_only = pad_token_id, completion_only
+
+    def __call__(self, examples):
+        return encode_rows([e["prompt_ids"] for e in examples], [e["completion_ids"] for e in examples],
+                           self.pad_token_id, self.completion_only)
+
+
+class PreferenceCollator:
+    """Chosen and rejected stacked in one batch for one forward: rows [0, B) are the chosen
+    sequences, rows [B, 2B) the rejected ones. Also `margin` [B] when every example has one, and
+    any precomputed per-example float (e.g. `ref_chosen_logps`) as a [B] tensor."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples):
+        prompts = [e["prompt_ids"] for e in examples]
+        batch = encode_rows(prompts + prompts, [e["chosen_ids"] for e in examples]
+                            + [e["rejected_ids"] for e in examples], self.pad_token_id)
+        for key in ("margin", "ref_chosen_logps", "ref_rejected_logps"):
+            if all(key in e for e in examples):
+                batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.float32)
+        return batch
+
+
+class UnpairedCollator:
+    """KTO batches: input_ids/attention_mask/labels, `label` [B] bool, and the mismatched pairs
+    for the KL estimate, `kl_input_ids`/`kl_attention_mask`/`kl_labels`: prompt i with the
+    completion of example i-1 (mod B), as TRL builds its KL dataset."""
+
+    def __init__(self, pad_token_id: int, with_kl: bool = True):
+        self.pad_token_id, self.with_kl = pad_token_id, with_kl
+
+    def __call__(self, examples):
+        prompts = [e["prompt_ids"] for e in examples]
+        completions = [e["completion_ids"] for e in examples]
+        batch = encode_rows(prompts, completions, self.pad_token_id)
+        batch["label"] = torch.tensor([e["label"] for e in examples], dtype=torch.bool)
+        if self.with_kl:
+            shifted = completions[-1:] + completions[:-1]
+            kl = encode_rows(prompts, shifted, self.pad_token_id)
+            batch.update({f"kl_{k}": v for k, v in kl.items()})
+        for key in ("ref_logps", "ref_kl_logps"):
+            if all(key in e for e in examples):
+                batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.float32)
+        return batch

@@ -1,0 +1,67 @@
+"""Metrics to the console, a JSONL file (always) and TensorBoard / W&B when asked for."""
+from __future__ import annotations
+
+import json
+import os
+
+
+class MetricsLogger:
+    """Writes `{"step", "split", ...metrics}` rows; only the main process should own one.
+
+    On resume, rows after the resumed step are dropped from metrics.jsonl, so an interrupted and
+    resumed run leaves the same file as an uninterrupted one.
+    """
+
+    def __init__(self, cfg, run_name: str, *, resume_step: int | None = None, console=print):
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        self.path = os.path.join(cfg.output_dir, "metrics.jsonl")
+        self.console = console
+        if resume_step is None:
+            open(self.path, "w").close()
+        else:
+            self._truncate_after(resume_step)
+        self.tb = self.wandb = None
+        if "tensorboard" in cfg.report_to:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(cfg.output_dir, "tensorboard"))
+        if "wandb" in cfg.report_to:
+            import wandb
+
+            self.wandb = wandb.init(name=run_name, config=cfg.to_dict(), resume="allow")
+
+    def _truncate_after(self, step: int) -> None:
+        if not os.path.exists(self.path):
+            return
+        with open(self.path, encoding="utf-8") as f:
+            rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        with open(self.path, "w", encoding="utf-8") as f:
+            f.writelines(rows)
+
+    def log(self, step: int, split: str, metrics: dict, *, echo: bool = True) -> None:
+        row = {"step": step, "split": split, **{k: _plain(v) for k, v in metrics.items()}}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if echo:
+            shown = " ".join(f"{k}={_fmt(v)}" for k, v in row.items() if k not in ("step", "split"))
+            self.console(f"[{split} step {step}] {shown}")
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(f"{split}/{k}", v, step)
+        if self.wandb is not None:
+            self.wandb.log({f"{split}/{k}": v for k, v in row.items() if k != "step"}, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _plain(v):
+    return v.item() if hasattr(v, "item") else v
+
+
+def _fmt(v):
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
