@@ -128,12 +128,15 @@ class LinearLossBase(nn.Module):
 
     # --- the driver -------------------------------------------------------------------------
     def _loss(self, formula: Formula, hidden, weight, bias, labels, *, ref_hidden=None, ref_weight=None,
-              ref_bias=None, ref_logps=None, with_entropy: bool = False, ref_per_token: bool = False):
+              ref_bias=None, ref_logps=None, with_entropy: bool = False, ref_per_token: bool = False,
+              separable: bool = True):
         """(loss, metrics) of `formula` on the policy's log-probs of `labels`.
 
         hidden [B, T, H], weight [V, H], bias [V] | None, labels [B, T] (ignore_index to skip);
         the reference from ref_hidden [B, T, H] + ref_weight [V, H] (+ ref_bias), or ref_logps
-        [B] / [B, T]; `ref_per_token`: the formula needs the reference per token.
+        [B] / [B, T]; `ref_per_token`: the formula needs the reference per token; `separable`: False
+        when the formula couples the units of the batch (sorting, batch statistics), which rules out
+        per-chunk gradients.
         """
         _check_batch(hidden, labels, self.unit)
         opts = make_options(hidden, weight, labels, bias, temperature=self.temperature, softcap=self.softcap,
@@ -148,7 +151,7 @@ class LinearLossBase(nn.Module):
 
         tensors = (hidden, weight) + (() if bias is None else (bias,))
         wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-        if wants_grad and _has_forward_backward(opts.backend):
+        if wants_grad and separable and _has_forward_backward(opts.backend):
             plan = _FusedPass.plan(self.unit, formula, whole, opts, weight.shape[0], hidden.dtype)
             if plan is not None:
                 loss = _FusedPolicyLoss.apply(flat_h.index_select(0, plan.index), weight, bias,
