@@ -1,0 +1,136 @@
+// Boundary of the row kernels: checks the tensors of one call (TORCH_CHECK, messages naming the
+// argument), allocates outputs, fills the kernels' parameter structs and hands them to a
+// device's launcher. Shared by the CPU registration (alignfast.cpp) and the CUDA one
+// (cuda/bindings.cpp), so both devices check exactly the same things.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+#include "row_kernels.h"
+
+namespace alignfast {
+
+#define AF_CHECK_DEVICE(x, dev) \
+  TORCH_CHECK((x).device() == (dev), #x " must be on ", (dev), " (the device of z), got ", (x).device())
+#define AF_CHECK_ROWS(x, n)                                                                                   \
+  TORCH_CHECK((x).dim() == 1 && (x).size(0) == (n), #x " must be 1-D with one entry per row of z ([", (n), \
+              "]), got shape ", (x).sizes())
+
+inline void check_block(const at::Tensor& z, const at::Tensor& targets, double temperature,
+                        std::optional<double> softcap, c10::DeviceType device_type) {
+  TORCH_CHECK(z.device().type() == device_type, "z must be a ", device_type, " tensor, got ", z.device());
+  TORCH_CHECK(z.dim() == 2, "z must be a 2-D [rows, V] logits block, got shape ", z.sizes());
+  TORCH_CHECK(z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble,
+              "z must be float32 or float64 (the accumulation dtype), got ", z.scalar_type());
+  TORCH_CHECK(z.size(1) > 0, "z must have at least one column (vocab entry), got shape ", z.sizes());
+  TORCH_CHECK(z.stride(1) == 1 || z.size(1) == 1, "z must be contiguous along V (stride(1) == 1), got strides ",
+              z.strides());
+  TORCH_CHECK(targets.scalar_type() == at::kLong, "targets must be int64, got ", targets.scalar_type());
+  AF_CHECK_DEVICE(targets, z.device());
+  AF_CHECK_ROWS(targets, z.size(0));
+  TORCH_CHECK(temperature > 0, "temperature must be > 0, got ", temperature);
+  TORCH_CHECK(!softcap.has_value() || *softcap > 0, "softcap must be > 0 or None, got ", softcap.value_or(0));
+}
+
+// Host-side range check of the targets (CPU only: on CUDA it would synchronise).
+inline void check_targets_in_range(const at::Tensor& targets, int64_t vocab) {
+  const at::Tensor t = targets.contiguous();
+  const int64_t* p = t.data_ptr<int64_t>();
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    TORCH_CHECK(p[i] >= 0 && p[i] < vocab, "targets[", i, "] = ", p[i], " is outside [0, V=", vocab,
+                "); ignored positions must be removed before the row kernels");
+  }
+}
+
+inline std::optional<at::Tensor> checked_row_vector(const std::optional<at::Tensor>& t, const char* name,
+                                                    const at::Tensor& z) {
+  if (!t.has_value()) return std::nullopt;
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == z.size(0), name, " must be 1-D with one entry per row of z ([",
+              z.size(0), "]), got shape ", t->sizes());
+  TORCH_CHECK(t->scalar_type() == z.scalar_type(), name, " must have z's dtype ", z.scalar_type(), ", got ",
+              t->scalar_type());
+  TORCH_CHECK(t->device() == z.device(), name, " must be on ", z.device(), " (the device of z), got ",
+              t->device());
+  return t->contiguous();
+}
+
+template <typename T>
+const T* ptr_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+// stats: (logprob, entropy, lse, zmean), each [rows] in z's dtype; entropy / zmean are empty when
+// not asked for. `launch` is called with a RowStatsParams<float|double>.
+template <typename Launch>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rows_stats(
+    const at::Tensor& z, const at::Tensor& targets_in, double temperature, std::optional<double> softcap,
+    bool with_entropy, bool with_zmean, c10::DeviceType device_type, Launch&& launch) {
+  check_block(z, targets_in, temperature, softcap, device_type);
+  if (device_type == c10::DeviceType::CPU) check_targets_in_range(targets_in, z.size(1));
+  const at::Tensor targets = targets_in.contiguous();
+  const int64_t rows = z.size(0);
+  at::Tensor logprob = at::empty({rows}, z.options()), lse = at::empty({rows}, z.options());
+  at::Tensor entropy = at::empty({with_entropy ? rows : 0}, z.options());
+  at::Tensor zmean = at::empty({with_zmean ? rows : 0}, z.options());
+  if (rows > 0) {
+    AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "logprob_rows_stats", [&] {
+      RowStatsParams<scalar_t> p;
+      p.z = z.data_ptr<scalar_t>();
+      p.targets = targets.data_ptr<int64_t>();
+      p.logprob = logprob.data_ptr<scalar_t>();
+      p.entropy = with_entropy ? entropy.data_ptr<scalar_t>() : nullptr;
+      p.lse = lse.data_ptr<scalar_t>();
+      p.zmean = with_zmean ? zmean.data_ptr<scalar_t>() : nullptr;
+      p.rows = rows;
+      p.vocab = z.size(1);
+      p.z_stride = z.stride(0);
+      p.temperature = temperature;
+      p.softcap = softcap.value_or(0.0);
+      launch(p);
+    });
+  }
+  return {logprob, entropy, lse, zmean};
+}
+
+// grad: overwrites z with ∂L/∂z. `launch` is called with a RowGradParams<float|double>.
+template <typename Launch>
+void rows_grad_(at::Tensor& z, const at::Tensor& targets_in, const at::Tensor& lse_in,
+                const std::optional<at::Tensor>& entropy_in, const std::optional<at::Tensor>& g_logprob_in,
+                const std::optional<at::Tensor>& g_entropy_in, const std::optional<at::Tensor>& g_lse_in,
+                const std::optional<at::Tensor>& g_zmean_in, double temperature, std::optional<double> softcap,
+                c10::DeviceType device_type, Launch&& launch) {
+  check_block(z, targets_in, temperature, softcap, device_type);
+  if (device_type == c10::DeviceType::CPU) check_targets_in_range(targets_in, z.size(1));
+  const at::Tensor targets = targets_in.contiguous();
+  const at::Tensor lse = *checked_row_vector(lse_in, "lse", z);
+  const auto entropy = checked_row_vector(entropy_in, "entropy", z);
+  const auto g_logprob = checked_row_vector(g_logprob_in, "g_logprob", z);
+  const auto g_entropy = checked_row_vector(g_entropy_in, "g_entropy", z);
+  const auto g_lse = checked_row_vector(g_lse_in, "g_lse", z);
+  const auto g_zmean = checked_row_vector(g_zmean_in, "g_zmean", z);
+  TORCH_CHECK(!g_entropy.has_value() || entropy.has_value(),
+              "entropy must be given when g_entropy is (the gradient of the entropy needs it)");
+  if (z.size(0) == 0) return;
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "logprob_rows_grad_", [&] {
+    RowGradParams<scalar_t> p;
+    p.z = z.data_ptr<scalar_t>();
+    p.targets = targets.data_ptr<int64_t>();
+    p.lse = lse.data_ptr<scalar_t>();
+    p.entropy = ptr_or_null<scalar_t>(entropy);
+    p.g_logprob = ptr_or_null<scalar_t>(g_logprob);
+    p.g_entropy = ptr_or_null<scalar_t>(g_entropy);
+    p.g_lse = ptr_or_null<scalar_t>(g_lse);
+    p.g_zmean = ptr_or_null<scalar_t>(g_zmean);
+    p.rows = z.size(0);
+    p.vocab = z.size(1);
+    p.z_stride = z.stride(0);
+    p.temperature = temperature;
+    p.softcap = softcap.value_or(0.0);
+    launch(p);
+  });
+}
+
+}  // namespace alignfast
