@@ -295,7 +295,7 @@ class _FusedPass:
         zeros = lp.new_zeros(mask.shape)
         return replace(w, logps=zeros.masked_scatter(mask, lp),
                        entropy=None if ent is None else zeros.masked_scatter(mask, ent),
-                       mask=mask, rows=rows, ref=w.take(w.ref))
+                       mask=mask, rows=rows, ref=None if w.ref is None else w.ref.index_select(0, rows))
 
     def finish(self, st) -> torch.Tensor:
         """The loss on the whole batch (and its metrics), from all the tokens' log-probs."""

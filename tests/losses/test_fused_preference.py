@@ -1,0 +1,144 @@
+"""The fused preference modules against their functional losses on materialised float64 log-probs."""
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_close
+
+import alignfast.ops.chunked as chunked
+from alignfast.losses.dpo import dpo_loss
+from alignfast.losses.fused_preference import LinearDPOLoss
+
+P, T, H, V = 3, 6, 10, 47  # 3 pairs: 6 rows
+
+
+def token_logps(hidden, weight, bias, labels):
+    """Oracle: float64 logits, log_softmax, the targets' log-probs, 0 at ignored positions."""
+    logits = hidden.double() @ weight.double().t()
+    if bias is not None:
+        logits = logits + bias.double()
+    valid = labels != -100
+    lp = F.log_softmax(logits, -1).gather(-1, labels.where(valid, 0)[..., None]).squeeze(-1)
+    return lp * valid
+
+
+def make_pairs(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+    labels = torch.randint(0, V, (2 * P, T), generator=g)
+    prompt = torch.tensor([2, 1, 3, 2, 1, 3])  # chosen and rejected share the prompt
+    labels[torch.arange(T) < prompt[:, None]] = -100
+    labels[1, -1] = labels[4, -2:] = -100  # padding
+    policy = dict(hidden=rnd(2 * P, T, H), weight=rnd(V, H, scale=H**-0.5), bias=rnd(V))
+    ref = dict(ref_hidden=rnd(2 * P, T, H), ref_weight=rnd(V, H, scale=H**-0.5), ref_bias=rnd(V))
+    return policy, ref, labels
+
+
+def ref_inputs(mode, ref, labels):
+    if mode == "hidden":
+        return ref
+    lp = token_logps(ref["ref_hidden"], ref["ref_weight"], ref["ref_bias"], labels).to(ref["ref_hidden"].dtype)
+    return dict(ref_logps=lp if mode == "token" else lp.sum(-1))
+
+
+def expected_dpo(policy, ref, labels, **kw):
+    lp = token_logps(policy["hidden"], policy["weight"], policy["bias"], labels).sum(-1)
+    rlp = token_logps(ref["ref_hidden"], ref["ref_weight"], ref["ref_bias"], labels).sum(-1)
+    lengths = (labels != -100).sum(-1)
+    losses, cr, rr = dpo_loss(lp[:P], lp[P:], rlp[:P], rlp[P:], chosen_lengths=lengths[:P],
+                              rejected_lengths=lengths[P:], **kw)
+    return losses.mean(), {"rewards/chosen": cr.mean(), "rewards/rejected": rr.mean(),
+                           "rewards/margins": (cr - rr).mean(), "rewards/accuracies": (cr > rr).double().mean(),
+                           "logps/chosen": lp[:P].mean(), "logps/rejected": lp[P:].mean()}
+
+
+def check(module, expected_fn, dtype, ref_mode, backend="chunked", **kw):
+    policy, ref, labels = make_pairs(dtype)
+    leaves = {k: v.requires_grad_() for k, v in policy.items()}
+    loss, metrics = module(leaves["hidden"], leaves["weight"], labels, leaves["bias"],
+                           **ref_inputs(ref_mode, ref, labels))
+    oracle = {k: v.detach().double().requires_grad_() for k, v in policy.items()}
+    want, want_metrics = expected_fn(oracle, {k: v.double() for k, v in ref.items()}, labels, **kw)
+    rtol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert_close(loss, want, rtol=rtol, name="loss")
+    got_grads = torch.autograd.grad(loss, list(leaves.values()))
+    want_grads = torch.autograd.grad(want, list(oracle.values()))
+    for got, exp, name in zip(got_grads, want_grads, leaves):
+        assert_close(got, exp, rtol=rtol, name=name)
+    for name, value in want_metrics.items():
+        assert_close(metrics[name], value, rtol=rtol, atol=rtol, name=name)
+
+
+DPO_CASES = {
+    "sigmoid": dict(loss_type="sigmoid", label_smoothing=0.1),
+    "ipo": dict(loss_type="ipo", beta=0.5),
+    "hinge": dict(loss_type="hinge"),
+    "apo_zero-fkl": dict(loss_type="sigmoid", f_divergence="forward_kl"),
+    "aot": dict(loss_type="aot"),  # couples the pairs: the 4-projection path
+}
+
+
+FP64, FP32 = torch.float64, torch.float32
+# (loss case, reference given as, dtype, chunk size): c9 and c20 pack 1 and 2-3 whole pairs per
+# chunk (the fused 3-projection path); c4 is shorter than a pair (the 4-projection path).
+SETTINGS = ([(case, mode, FP64, 9) for case in DPO_CASES for mode in ("hidden", "seq", "token")]
+            + [(case, mode, FP32, 20) for case in ("sigmoid", "ipo") for mode in ("hidden", "seq")]
+            + [(case, "hidden", dtype, 4) for case in ("sigmoid", "hinge") for dtype in (FP64, FP32)])
+
+
+@pytest.mark.parametrize("case,ref_mode,dtype,chunk_size", SETTINGS,
+                         ids=[f"{c}-{m}-{'fp64' if d == FP64 else 'fp32'}-c{n}" for c, m, d, n in SETTINGS])
+def test_dpo(case, ref_mode, dtype, chunk_size):
+    kw = DPO_CASES[case]
+    check(LinearDPOLoss(backend="chunked", chunk_size=chunk_size, **kw), expected_dpo, dtype, ref_mode, **kw)
+
+
+def test_dpo_reference_backend():
+    kw = dict(loss_type="sigmoid")
+    check(LinearDPOLoss(backend="reference", **kw), expected_dpo, torch.float64, "hidden", **kw)
+
+
+class Counter:
+    def __init__(self, monkeypatch):
+        self.blocks = self.products = 0
+        real_block, real_mm, real_addmm_ = chunked.logits_block, torch.mm, torch.Tensor.addmm_
+
+        def wrap(real, attr):
+            def f(*a, **k):
+                setattr(self, attr, getattr(self, attr) + 1)
+                return real(*a, **k)
+            return f
+
+        monkeypatch.setattr(chunked, "logits_block", wrap(real_block, "blocks"))
+        monkeypatch.setattr(torch, "mm", wrap(real_mm, "products"))
+        monkeypatch.setattr(torch.Tensor, "addmm_", wrap(real_addmm_, "products"))
+
+
+@pytest.mark.parametrize("ref_mode", ["seq", "hidden"])
+def test_dpo_projection_count(monkeypatch, ref_mode):
+    policy, ref, labels = make_pairs(torch.float64)
+    leaves = {k: v.requires_grad_() for k, v in policy.items()}
+    refs = ref_inputs(ref_mode, ref, labels)
+    counter = Counter(monkeypatch)
+    loss, _ = LinearDPOLoss(backend="chunked", chunk_size=9)(leaves["hidden"], leaves["weight"], labels, leaves["bias"], **refs)
+    loss.backward()
+    pair_tokens = [(labels[i] != -100).sum() + (labels[P + i] != -100).sum() for i in range(P)]
+    assert max(pair_tokens) <= 9 and sum(pair_tokens) > 9  # several chunks of whole pairs
+    policy_chunks = counter.products // 2  # grad_hidden + grad_weight per policy chunk
+    ref_chunks = -(-int((labels != -100).sum()) // 9) if ref_mode == "hidden" else 0
+    assert policy_chunks > 1
+    assert counter.blocks == policy_chunks + ref_chunks  # policy: 1 block per chunk, no recompute
+
+
+def test_dpo_bad_input():
+    policy, ref, labels = make_pairs(torch.float64)
+    with pytest.raises(ValueError, match="loss_type"):
+        LinearDPOLoss(loss_type="nope")
+    with pytest.raises(ValueError, match="reference"):
+        LinearDPOLoss()(policy["hidden"], policy["weight"], labels)
+    with pytest.raises(ValueError, match="odd"):
+        LinearDPOLoss()(policy["hidden"][:-1], policy["weight"], labels[:-1], ref_logps=torch.zeros(5))
+    with pytest.raises(ValueError, match="ref_logps"):
+        LinearDPOLoss()(policy["hidden"], policy["weight"], labels, ref_logps=torch.zeros(4))
