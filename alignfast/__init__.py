@@ -5,8 +5,8 @@ states and the `lm_head` weight, streaming the vocabulary so the [tokens, vocab]
 exist.
 """
 from alignfast.dispatch import backends
-from alignfast.ops import LogProbs, linear_cross_entropy, linear_logprobs
+from alignfast.ops import LogProbs, linear_cross_entropy, linear_kl, linear_logprobs
 
 __version__ = "0.1.0"
 
-__all__ = ["LogProbs", "backends", "linear_cross_entropy", "linear_logprobs", "__version__"]
+__all__ = ["LogProbs", "backends", "linear_cross_entropy", "linear_kl", "linear_logprobs", "__version__"]

@@ -1,0 +1,264 @@
+"""`linear_kl`: the full-vocabulary KL divergence between a policy and a frozen reference, per
+token, from both sides' hidden states and output heads, without materialising [N, V] logits.
+
+With x = (h·Wᵀ + b)/T and y = (h_ref·W_refᵀ + b_ref)/T the tempered logits of one token,
+p = softmax(x) (policy) and q = softmax(y) (reference):
+
+    forward  (reverse=False):  KL(π‖π_ref) = Σ_v p_v (log p_v − log q_v)
+    reverse  (reverse=True):   KL(π_ref‖π) = Σ_v q_v (log q_v − log p_v)
+
+Gradients (policy side only; the reference is a constant). With g the upstream gradient of the
+token's KL and z = h·Wᵀ + b the raw policy logits (x = z/T):
+
+    forward:  ∂KL/∂x_v = Σ_u (p_u(δ_uv − p_v))·(x_u − y_u) = p_v·((x_v − y_v) − Σ_u p_u(x_u − y_u))
+                       = p_v·((log p_v − log q_v) − KL)      (the lse terms cancel: Σ_v ∂p_v = 0)
+    reverse:  KL(π_ref‖π) = const − Σ_v q_v x_v + lse(x),  so  ∂KL/∂x_v = p_v − q_v
+    ∂L/∂z_v = g · ∂KL/∂x_v / T;   grad_hidden = dZ·W,  grad_weight = dZᵀ·h,  grad_bias = Σ_n dZ.
+
+Positions where `targets_mask` is False give 0 and receive no gradient (they are compacted away
+before any vocab projection).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from alignfast import dispatch
+from alignfast.ops import validation
+from alignfast.ops.chunked import _GradAccumulator, logits_block
+from alignfast.ops.logprobs import reference_logits
+from alignfast.ops.options import LogitOptions, compute_dtype
+
+# `cpp`/`cuda` have no KL row kernels (yet): they are not offered for this op, so `auto` on a CPU
+# with `alignfast._C` picks `chunked`, and an explicit backend="cpp" is a clear RuntimeError.
+KL_BACKENDS = ("reference", "chunked", "triton")
+
+
+@dataclass(frozen=True)
+class KLOptions:
+    """The non-tensor options of `linear_kl` that travel through autograd."""
+
+    temperature: float = 1.0
+    reverse: bool = False  # True: KL(π_ref‖π)
+    backend: str = "chunked"
+    chunk_size: int | None = None  # tokens per chunk for the chunked path; None: from the byte budget
+
+    def chunk_rows(self, vocab: int, dtype: torch.dtype = torch.float32) -> int:
+        """Tokens per chunk: `chunk_size`, or a third of `LogitOptions.chunk_rows`: a chunk holds the
+        policy and the reference [rows, V] blocks, plus one transient block (the forward's logsumexp)."""
+        if self.chunk_size is not None:
+            return self.chunk_size
+        return max(1, LogitOptions().chunk_rows(vocab, dtype) // 3)
+
+
+class KLStats(NamedTuple):
+    """Per-token results of a forward pass, each [N] in fp32 (fp64 for fp64 inputs)."""
+
+    kl: torch.Tensor
+    lse: torch.Tensor      # logsumexp_v x_v (policy)
+    ref_lse: torch.Tensor  # logsumexp_v y_v (reference)
+
+
+# ---------------------------------------------------------------------------------------------
+# reference: the naive computation (materialised logits), the "naive" row of the benchmarks
+# ---------------------------------------------------------------------------------------------
+def reference_kl(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, opts: KLOptions) -> torch.Tensor:
+    """Per-token KL [N] from materialised [N, V] logits of both sides (float64-capable)."""
+    logit_opts = LogitOptions(temperature=opts.temperature)
+    logp = F.log_softmax(reference_logits(hidden, weight, bias, logit_opts), dim=-1)
+    with torch.no_grad():
+        logq = F.log_softmax(reference_logits(ref_hidden, ref_weight, ref_bias, logit_opts), dim=-1)
+    if opts.reverse:
+        return (logq.exp() * (logq - logp)).sum(-1)
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# chunked: pure PyTorch, token chunks; two projections per chunk forward, four backward
+# ---------------------------------------------------------------------------------------------
+def _tempered_(z: torch.Tensor, temperature: float) -> torch.Tensor:
+    return z.div_(temperature) if temperature != 1.0 else z
+
+
+class ChunkedKL:
+    """Forward and backward of the KL over token chunks. Per chunk the forward makes one policy and
+    one reference [rows, V] block; the backward recomputes both (the reference under no_grad), turns
+    them into dZ in place, and pushes dZ into grad_hidden / grad_weight / grad_bias (two matmuls)."""
+
+    @staticmethod
+    def forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, opts: KLOptions) -> KLStats:
+        n, cdtype = hidden.shape[0], compute_dtype(hidden.dtype)
+        out = KLStats(*(torch.empty(n, dtype=cdtype, device=hidden.device) for _ in range(3)))
+        step = opts.chunk_rows(weight.shape[0], cdtype)
+        for start in range(0, n, step):
+            sl = slice(start, start + step)
+            x = _tempered_(logits_block(hidden[sl], weight, bias), opts.temperature)
+            with torch.no_grad():
+                y = _tempered_(logits_block(ref_hidden[sl], ref_weight, ref_bias), opts.temperature)
+            lse, ref_lse = torch.logsumexp(x, dim=1), torch.logsumexp(y, dim=1)
+            logp, logq = x.sub_(lse[:, None]), y.sub_(ref_lse[:, None])
+            # KL = Σ e^{w}(w − o) with (w, o) = (log p, log q), or (log q, log p) for the reverse KL.
+            w, o = (logq, logp) if opts.reverse else (logp, logq)
+            d = o.sub_(w).neg_()  # w − o
+            out.kl[sl] = w.exp_().mul_(d).sum(dim=1)
+            out.lse[sl], out.ref_lse[sl] = lse, ref_lse
+        return out
+
+    @staticmethod
+    def backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, stats: KLStats, grad_kl,
+                 opts: KLOptions, needs):
+        """(grad_hidden | None, grad_weight | None, grad_bias | None) of Σ_n grad_kl[n]·KL[n]."""
+        acc = _GradAccumulator(hidden, weight, bias, needs)
+        step = opts.chunk_rows(weight.shape[0], compute_dtype(hidden.dtype))
+        for start in range(0, hidden.shape[0], step):
+            sl = slice(start, start + step)
+            x = _tempered_(logits_block(hidden[sl], weight, bias), opts.temperature)
+            with torch.no_grad():
+                y = _tempered_(logits_block(ref_hidden[sl], ref_weight, ref_bias), opts.temperature)
+            logp, logq = x.sub_(stats.lse[sl, None]), y.sub_(stats.ref_lse[sl, None])
+            coef = (grad_kl[sl].to(x.dtype) / opts.temperature)[:, None]
+            if opts.reverse:  # ∂L/∂z = g/T · (p − q)
+                dz = logp.exp_().sub_(logq.exp_()).mul_(coef)
+            else:             # ∂L/∂z = g/T · p · (log p − log q − KL)
+                r = logq.sub_(logp).neg_().sub_(stats.kl[sl, None])
+                dz = logp.exp_().mul_(r).mul_(coef)
+            acc.add(sl, dz)
+        return acc.result()
+
+
+def implementation(backend: str):
+    """The object with forward/backward for a concrete non-reference backend of `linear_kl`."""
+    if backend == "chunked":
+        return ChunkedKL
+    if backend == "triton":
+        from alignfast.kernels import kl as triton_kl
+
+        return triton_kl
+    raise ValueError(f"linear_kl has no implementation for backend {backend!r}; available: {list(KL_BACKENDS)}")
+
+
+class LinearKLFunction(torch.autograd.Function):
+    """(hidden [N, H], weight [V, H], bias [V] | None, ref_hidden [N, H_ref], ref_weight [V, H_ref],
+    ref_bias [V] | None, opts) -> kl [N]. Every row is valid here (masked rows were removed by the
+    caller). The reference tensors are constants: they never receive a gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, opts: KLOptions):
+        ctx.set_materialize_grads(False)
+        st = implementation(opts.backend).forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, opts)
+        ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, *st)
+        ctx.opts = opts
+        return st.kl
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_kl):
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, *st = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
+        if grad_kl is None or not any(needs):
+            return (None,) * 7
+        gh, gw, gb = implementation(ctx.opts.backend).backward(
+            hidden, weight, bias, ref_hidden, ref_weight, ref_bias, KLStats(*st), grad_kl, ctx.opts, needs)
+        return gh, gw, gb, None, None, None, None
+
+
+def kl_per_token(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets_mask, opts: KLOptions):
+    """Differentiable per-token KL [N] for flat hidden [N, H], ref_hidden [N, H_ref] and an optional
+    targets_mask [N] (False: 0, no gradient). For validated input; shared with the losses."""
+    ref_hidden, ref_weight = ref_hidden.detach(), ref_weight.detach()
+    ref_bias = None if ref_bias is None else ref_bias.detach()
+    if opts.backend == "reference":
+        kl = reference_kl(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, opts)
+        return kl if targets_mask is None else torch.where(targets_mask, kl, kl.new_zeros(()))
+    if targets_mask is None or bool(targets_mask.all()):
+        return LinearKLFunction.apply(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, opts)
+    # Compact the valid rows: masked tokens (prompts, padding) cost no vocab projection at all.
+    idx = targets_mask.nonzero().squeeze(1)
+    kl = LinearKLFunction.apply(hidden.index_select(0, idx), weight, bias, ref_hidden.index_select(0, idx),
+                                ref_weight, ref_bias, opts)
+    return kl.new_zeros(targets_mask.shape[0]).index_copy(0, idx, kl)
+
+
+def linear_kl(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tensor, ref_weight: torch.Tensor,
+              *, bias: torch.Tensor | None = None, ref_bias: torch.Tensor | None = None,
+              targets_mask: torch.Tensor | None = None, reverse: bool = False, temperature: float = 1.0,
+              backend: str = "auto", chunk_size: int | None = None) -> torch.Tensor:
+    """Per-token KL(π‖π_ref) over the full vocabulary (reverse=True: KL(π_ref‖π)), without logits.
+
+    π = softmax((hidden @ weight.T + bias)/T), π_ref = softmax((ref_hidden @ ref_weight.T + ref_bias)/T).
+
+    Args:
+        hidden: [N, H] or [B, T, H] policy hidden states (fp32, bf16, fp16 or fp64).
+        weight: [V, H] policy output head, same dtype as `hidden`.
+        ref_hidden: reference hidden states, [N, H_ref] or [B, T, H_ref]: the same leading shape
+            and dtype as `hidden`; H_ref may differ from H.
+        ref_weight: [V, H_ref] reference output head (same V as `weight`).
+        bias, ref_bias: optional [V] output biases.
+        targets_mask: optional bool, shaped like hidden's leading dims; False positions give 0 and
+            no gradient (like `ignore_index`).
+        reverse: False for KL(π‖π_ref) = Σ p (log p − log q), True for KL(π_ref‖π) = Σ q (log q − log p).
+        temperature: both sides' logits are divided by it. > 0.
+        backend: "auto", "reference", "chunked" or "triton" (`cpp`/`cuda` have no KL kernels;
+            `auto` picks `chunked` on CPU, `triton` on CUDA).
+        chunk_size: tokens per chunk for the chunked backend (default: from the byte budget,
+            ALIGNFAST_CHUNK_BYTES).
+
+    Returns:
+        kl shaped like hidden's leading dims, fp32 (fp64 for fp64 inputs). Differentiable w.r.t.
+        hidden, weight and bias for any upstream gradient; the reference side (ref_hidden,
+        ref_weight, ref_bias) is treated as a constant and never receives a gradient, even if
+        it requires one. Not clamped: in low precision a KL near 0 may come out slightly negative.
+
+    Example:
+        >>> h, w = torch.randn(6, 16, requires_grad=True), torch.randn(100, 16)
+        >>> h_ref, w_ref = torch.randn(6, 8), torch.randn(100, 8)
+        >>> kl = linear_kl(h, w, h_ref, w_ref)
+        >>> kl.shape
+        torch.Size([6])
+        >>> kl.mean().backward()
+    """
+    opts = make_kl_options(hidden, weight, ref_hidden, ref_weight, bias, ref_bias, targets_mask,
+                           reverse=reverse, temperature=temperature, backend=backend, chunk_size=chunk_size)
+    flat_h = hidden.reshape(-1, hidden.shape[-1])
+    flat_ref = ref_hidden.reshape(-1, ref_hidden.shape[-1])
+    mask = None if targets_mask is None else targets_mask.reshape(-1)
+    kl = kl_per_token(flat_h, weight, bias, flat_ref, ref_weight, ref_bias, mask, opts)
+    return kl.view(hidden.shape[:-1])
+
+
+def make_kl_options(hidden, weight, ref_hidden, ref_weight, bias, ref_bias, targets_mask, *, reverse,
+                    temperature, backend, chunk_size) -> KLOptions:
+    """Validates the public arguments of `linear_kl` and resolves the backend."""
+    validation.check_linear_head(hidden, weight, bias)
+    validation.check_linear_head(ref_hidden, ref_weight, ref_bias, prefix="ref_")
+    shape = validation._shape
+    if ref_weight.shape[0] != weight.shape[0]:
+        raise ValueError(f"ref_weight {shape(ref_weight)} and weight {shape(weight)} disagree on V: "
+                         f"{ref_weight.shape[0]} != {weight.shape[0]}")
+    if ref_hidden.shape[:-1] != hidden.shape[:-1]:
+        raise ValueError(f"ref_hidden {shape(ref_hidden)} must have hidden's leading shape "
+                         f"{shape(hidden)[:-1]} (hidden is {shape(hidden)})")
+    if ref_hidden.dtype != hidden.dtype:
+        raise ValueError(f"ref_hidden ({ref_hidden.dtype}) and hidden ({hidden.dtype}) must have the same dtype")
+    if ref_hidden.device != hidden.device:
+        raise ValueError(f"ref_hidden is on {ref_hidden.device} but hidden is on {hidden.device}")
+    if targets_mask is not None:
+        validation.require_tensor("targets_mask", targets_mask)
+        if targets_mask.dtype != torch.bool:
+            raise ValueError(f"targets_mask must be a bool tensor, got {targets_mask.dtype} "
+                             f"(shape {shape(targets_mask)})")
+        if targets_mask.shape != hidden.shape[:-1]:
+            raise ValueError(f"targets_mask shape {shape(targets_mask)} must equal hidden's leading shape "
+                             f"{shape(hidden)[:-1]} (hidden is {shape(hidden)})")
+        if targets_mask.device != hidden.device:
+            raise ValueError(f"targets_mask is on {targets_mask.device} but hidden is on {hidden.device}")
+    if not isinstance(reverse, bool):
+        raise ValueError(f"reverse must be a bool, got {reverse!r}")
+    validation.check_positive("temperature", temperature)
+    validation.check_chunk_size(chunk_size)
+    resolved = dispatch.resolve(backend, hidden.device, supported=KL_BACKENDS)
+    return KLOptions(temperature=float(temperature), reverse=reverse, backend=resolved, chunk_size=chunk_size)
