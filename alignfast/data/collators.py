@@ -57,7 +57,8 @@ class PreferenceCollator:
 class UnpairedCollator:
     """KTO batches: input_ids/attention_mask/labels, `label` [B] bool, and the mismatched pairs
     for the KL estimate, `kl_input_ids`/`kl_attention_mask`/`kl_labels`: prompt i with the
-    completion of example i-1 (mod B), as TRL builds its KL dataset."""
+    completion of example i-1 (mod B), as TRL builds its KL dataset, or the example's own
+    `kl_completion_ids` when it has one."""
 
     def __init__(self, pad_token_id: int, with_kl: bool = True):
         self.pad_token_id, self.with_kl = pad_token_id, with_kl
@@ -68,7 +69,10 @@ class UnpairedCollator:
         batch = encode_rows(prompts, completions, self.pad_token_id)
         batch["label"] = torch.tensor([e["label"] for e in examples], dtype=torch.bool)
         if self.with_kl:
-            shifted = completions[-1:] + completions[:-1]
+            if all("kl_completion_ids" in e for e in examples):  # fixed partners (KTOTrainer sets them)
+                shifted = [e["kl_completion_ids"] for e in examples]
+            else:
+                shifted = completions[-1:] + completions[:-1]
             kl = encode_rows(prompts, shifted, self.pad_token_id)
             batch.update({f"kl_{k}": v for k, v in kl.items()})
         for key in ("ref_logps", "ref_kl_logps"):
