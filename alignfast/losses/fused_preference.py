@@ -18,6 +18,7 @@ import torch
 from alignfast.losses._validation import check_choice
 from alignfast.losses.dpo import DPO_LOSSES, dpo_loss
 from alignfast.losses.fused_base import LinearLossBase, SequenceBatch
+from alignfast.losses.preference import CPO_LOSS_TYPES, _reward_metrics, cpo_loss, orpo_loss, simpo_loss
 
 # DPO loss types that couple the pairs of a batch (sorting, a batch-mean shift): their gradient is
 # not known chunk by chunk, so they take the 4-projection path.
@@ -25,15 +26,12 @@ BATCH_COUPLED_DPO_LOSSES = ("aot", "aot_unpaired", "bco_pair")
 
 
 class PairTerms(NamedTuple):
-    """A preference formula's output for some pairs (each [p]) plus an already-normalised extra."""
+    """A preference formula's output for some pairs."""
 
-    losses: torch.Tensor            # per-pair losses, averaged over the batch's P pairs by the base
-    chosen_rewards: torch.Tensor
-    rejected_rewards: torch.Tensor
-    chosen_logps: torch.Tensor      # the sequence log-probs the method uses (summed or averaged)
+    losses: torch.Tensor         # [p] per-pair losses; the base averages them over the batch's P pairs
+    metrics: dict                # the functional loss's metrics (rewards/*, ...) for these pairs
+    chosen_logps: torch.Tensor   # [p] the sequence log-probs the method uses (summed or averaged)
     rejected_logps: torch.Tensor
-    extra_loss: torch.Tensor | float = 0.0  # e.g. ORPO/CPO's NLL term, normalised over the whole batch
-    extra_metrics: dict | None = None
 
 
 class LinearPreferenceLoss(LinearLossBase):
@@ -42,7 +40,7 @@ class LinearPreferenceLoss(LinearLossBase):
     forward(hidden [2P, T, H], weight [V, H], labels [2P, T], bias [V] | None, *,
             ref_hidden [2P, T, H] + ref_weight [V, H] (+ ref_bias), or ref_logps [2P] (per sequence,
             chosen first) or [2P, T] (per token))
-        -> (loss, metrics): loss = mean over pairs of the per-pair losses (+ the method's extra term);
+        -> (loss, metrics): loss = mean over pairs of the per-pair losses (NLL terms included);
            metrics as TRL logs them: rewards/chosen, rewards/rejected, rewards/accuracies,
            rewards/margins, logps/chosen, logps/rejected (means over pairs, detached), plus the method's.
     """
@@ -51,7 +49,23 @@ class LinearPreferenceLoss(LinearLossBase):
     needs_reference = False
 
     def pair_terms(self, batch: SequenceBatch, chosen_tokens: int) -> PairTerms:  # pragma: no cover
+        """The method's formula on the whole pairs of `batch`; `chosen_tokens` is the number of
+        chosen completion tokens in the whole batch (the NLL terms' normaliser)."""
         raise NotImplementedError
+
+    @staticmethod
+    def chosen_nll(batch: SequenceBatch, chosen_tokens: int) -> torch.Tensor:
+        """The chosen completions' token-mean NLL over the whole batch, as these pairs' share of it,
+        scaled so that the functional loss's per-pair mean gives that share back:
+        NLL_part · P/p (a 0-dim tensor). On the whole batch: TRL's chosen NLL."""
+        chosen, _ = batch.halves(batch.logps)
+        pairs = chosen.shape[0]
+        return -chosen.sum() / max(chosen_tokens, 1) * (batch.total_rows // 2) / max(pairs, 1)
+
+    @staticmethod
+    def averaged(batch: SequenceBatch) -> torch.Tensor:
+        """[b] length-averaged sequence log-probs (0 for an empty completion)."""
+        return batch.seq_logps() / batch.lengths().clamp(min=1)
 
     def separable(self) -> bool:
         """Whether each pair's loss depends on that pair only (then chunks of pairs give exact gradients)."""
@@ -66,17 +80,10 @@ class LinearPreferenceLoss(LinearLossBase):
 
         def formula(batch: SequenceBatch):
             t = self.pair_terms(batch, chosen_tokens)
-            loss = t.losses.sum() / max(n_pairs, 1) + t.extra_loss
-            with torch.no_grad():
-                metrics = {
-                    "rewards/chosen": t.chosen_rewards.mean(),
-                    "rewards/rejected": t.rejected_rewards.mean(),
-                    "rewards/accuracies": (t.chosen_rewards > t.rejected_rewards).to(t.losses.dtype).mean(),
-                    "rewards/margins": (t.chosen_rewards - t.rejected_rewards).mean(),
-                    "logps/chosen": t.chosen_logps.mean(),
-                    "logps/rejected": t.rejected_logps.mean(),
-                }
-                metrics.update(t.extra_metrics or {})
+            loss = t.losses.sum() / max(n_pairs, 1)
+            metrics = dict(t.metrics)
+            metrics["logps/chosen"] = t.chosen_logps.detach().mean()
+            metrics["logps/rejected"] = t.rejected_logps.detach().mean()
             return loss, metrics
 
         return self._loss(formula, hidden, weight, bias, labels, ref_hidden=ref_hidden, ref_weight=ref_weight,
@@ -121,4 +128,72 @@ class LinearDPOLoss(LinearPreferenceLoss):
             label_smoothing=self.label_smoothing, f_divergence=self.f_divergence,
             f_alpha_divergence_coef=self.f_alpha_divergence_coef, chosen_lengths=chosen_len,
             rejected_lengths=rejected_len, discopop_tau=self.discopop_tau, bco_running_mean=self.bco_running_mean)
-        return PairTerms(losses, chosen_rewards, rejected_rewards, chosen.detach(), rejected.detach())
+        return PairTerms(losses, _reward_metrics(chosen_rewards, rejected_rewards), chosen, rejected)
+
+
+class LinearSimPOLoss(LinearPreferenceLoss):
+    """SimPO from hidden states: no reference, length-averaged log-probs, a target margin γ.
+
+    Meng, Xia and Chen, "SimPO", NeurIPS 2024, https://arxiv.org/abs/2405.14734, Eq. 6:
+        loss = mean_pairs −log σ(β·avg log π(y_c|x) − β·avg log π(y_r|x) − γ)
+    Options mirror `simpo_loss` (beta, gamma, label_smoothing). For TRL's CPO-SimPO (with the
+    chosen NLL) use `LinearCPOLoss(loss_type="simpo")`.
+    """
+
+    def __init__(self, *, beta: float = 2.0, gamma: float = 0.5, label_smoothing: float = 0.0, **options):
+        super().__init__(**options)
+        self.beta, self.gamma, self.label_smoothing = beta, gamma, label_smoothing
+
+    def pair_terms(self, batch: SequenceBatch, chosen_tokens: int) -> PairTerms:
+        chosen, rejected = batch.halves(self.averaged(batch))
+        losses, metrics = simpo_loss(chosen, rejected, beta=self.beta, gamma=self.gamma,
+                                     label_smoothing=self.label_smoothing)
+        return PairTerms(losses, metrics, chosen, rejected)
+
+
+class LinearORPOLoss(LinearPreferenceLoss):
+    """ORPO from hidden states: the chosen NLL plus β times the log odds-ratio loss, no reference.
+
+    Hong, Lee and Thorne, "ORPO", EMNLP 2024, https://arxiv.org/abs/2403.07691, Eqs. 4-7:
+        loss = NLL_c − β·mean_pairs log σ(log odds(y_c) − log odds(y_r)),  odds = P/(1 − P),
+    P = exp(length-averaged log-prob). NLL_c is the token mean over the chosen completions' targets
+    (`labels`); TRL's ORPOTrainer also counts the prompt tokens in it (not supported here: their
+    log-probs would cost projections the odds ratio does not need). Options: beta (`orpo_loss`).
+    Metrics: rewards/*, logps/* (averaged), log_odds_ratio, log_odds_chosen, nll_loss.
+    """
+
+    def __init__(self, *, beta: float = 0.1, **options):
+        super().__init__(**options)
+        self.beta = beta
+
+    def pair_terms(self, batch: SequenceBatch, chosen_tokens: int) -> PairTerms:
+        chosen, rejected = batch.halves(self.averaged(batch))
+        losses, metrics = orpo_loss(chosen, rejected, self.chosen_nll(batch, chosen_tokens), beta=self.beta)
+        return PairTerms(losses, metrics, chosen, rejected)
+
+
+class LinearCPOLoss(LinearPreferenceLoss):
+    """CPO from hidden states: a reference-free DPO-style term plus cpo_alpha times the chosen NLL.
+
+    Xu et al., "Contrastive Preference Optimization", ICML 2024, https://arxiv.org/abs/2401.08417, Eq. 3
+    (TRL's CPOTrainer): loss = mean_pairs ℓ(β·(log π(y_c) − log π(y_r))) + cpo_alpha·NLL_c, with
+    summed log-probs for sigmoid / hinge and length-averaged ones for ipo / simpo (as TRL), NLL_c
+    the token mean over the chosen completions. Options mirror `cpo_loss` (beta, label_smoothing,
+    loss_type, simpo_gamma, cpo_alpha, alpha).
+    """
+
+    def __init__(self, *, beta: float = 0.1, label_smoothing: float = 0.0, loss_type: str = "sigmoid",
+                 simpo_gamma: float = 0.5, cpo_alpha: float = 1.0, alpha: float = 0.0, **options):
+        super().__init__(**options)
+        check_choice("loss_type", loss_type, CPO_LOSS_TYPES)
+        self.beta, self.label_smoothing, self.loss_type = beta, label_smoothing, loss_type
+        self.simpo_gamma, self.cpo_alpha, self.alpha = simpo_gamma, cpo_alpha, alpha
+
+    def pair_terms(self, batch: SequenceBatch, chosen_tokens: int) -> PairTerms:
+        logps = self.averaged(batch) if self.loss_type in ("ipo", "simpo") else batch.seq_logps()
+        chosen, rejected = batch.halves(logps)
+        nll = self.chosen_nll(batch, chosen_tokens) if self.cpo_alpha else None
+        losses, metrics = cpo_loss(chosen, rejected, nll, beta=self.beta, label_smoothing=self.label_smoothing,
+                                   loss_type=self.loss_type, simpo_gamma=self.simpo_gamma,
+                                   cpo_alpha=self.cpo_alpha, alpha=self.alpha)
+        return PairTerms(losses, metrics, chosen, rejected)

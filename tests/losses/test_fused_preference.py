@@ -6,7 +6,8 @@ from helpers import assert_close
 
 import alignfast.ops.chunked as chunked
 from alignfast.losses.dpo import dpo_loss
-from alignfast.losses.fused_preference import LinearDPOLoss
+from alignfast.losses.fused_preference import LinearCPOLoss, LinearDPOLoss, LinearORPOLoss, LinearSimPOLoss
+from alignfast.losses.preference import cpo_loss, orpo_loss, simpo_loss
 
 P, T, H, V = 3, 6, 10, 47  # 3 pairs: 6 rows
 
@@ -37,6 +38,8 @@ def make_pairs(dtype, seed=0):
 
 
 def ref_inputs(mode, ref, labels):
+    if mode == "none":
+        return {}
     if mode == "hidden":
         return ref
     lp = token_logps(ref["ref_hidden"], ref["ref_weight"], ref["ref_bias"], labels).to(ref["ref_hidden"].dtype)
@@ -142,3 +145,41 @@ def test_dpo_bad_input():
         LinearDPOLoss()(policy["hidden"][:-1], policy["weight"], labels[:-1], ref_logps=torch.zeros(5))
     with pytest.raises(ValueError, match="ref_logps"):
         LinearDPOLoss()(policy["hidden"], policy["weight"], labels, ref_logps=torch.zeros(4))
+
+
+def expected_reference_free(fn, average, nll):
+    """Oracle for SimPO / ORPO / CPO: the functional loss on float64 sequence log-probs."""
+    def expected(policy, ref, labels, **kw):
+        lp = token_logps(policy["hidden"], policy["weight"], policy["bias"], labels)
+        lengths = (labels != -100).sum(-1)
+        seq = lp.sum(-1) / lengths.clamp(min=1) if average(kw) else lp.sum(-1)
+        args = (seq[:P], seq[P:])
+        if nll(kw):  # token mean NLL over the chosen completions (TRL's nn.CrossEntropyLoss on the chosen)
+            args += (-lp[:P].sum() / lengths[:P].sum(),)
+        elif fn is cpo_loss:
+            args += (None,)
+        losses, metrics = fn(*args, **kw)
+        return losses.mean(), dict(metrics, **{"logps/chosen": seq[:P].mean(), "logps/rejected": seq[P:].mean()})
+    return expected
+
+
+FREE_CASES = {
+    "simpo": (LinearSimPOLoss, simpo_loss, lambda kw: True, lambda kw: False, dict(beta=2.0, gamma=0.3,
+                                                                                  label_smoothing=0.1)),
+    "orpo": (LinearORPOLoss, orpo_loss, lambda kw: True, lambda kw: True, dict(beta=0.2)),
+    "cpo-sigmoid": (LinearCPOLoss, cpo_loss, lambda kw: False, lambda kw: True, dict(beta=0.1)),
+    "cpo-simpo": (LinearCPOLoss, cpo_loss, lambda kw: True, lambda kw: True,
+                  dict(loss_type="simpo", beta=2.0, simpo_gamma=0.4)),
+    "cpo-hinge-noalpha": (LinearCPOLoss, cpo_loss, lambda kw: False, lambda kw: False,
+                          dict(loss_type="hinge", cpo_alpha=0.0)),
+    "cpo-ipo-alphapo": (LinearCPOLoss, cpo_loss, lambda kw: True, lambda kw: True,
+                        dict(loss_type="ipo", alpha=0.3)),
+}
+
+
+@pytest.mark.parametrize("dtype,chunk_size", [(FP64, 9), (FP32, 20), (FP64, 4)], ids=["fp64-c9", "fp32-c20", "fp64-c4"])
+@pytest.mark.parametrize("case", list(FREE_CASES))
+def test_reference_free(case, dtype, chunk_size):
+    cls, fn, average, nll, kw = FREE_CASES[case]
+    check(cls(backend="chunked", chunk_size=chunk_size, **kw), expected_reference_free(fn, average, nll), dtype,
+          "none", **kw)
