@@ -1,0 +1,102 @@
+"""How each Hugging Face causal LM turns `lm_head(hidden)` into its logits: the one table.
+
+Most models use the plain projection `logits = hidden @ W.T (+ b)`. A few post-process it in their
+`*ForCausalLM.forward`, after the `lm_head` and outside the backbone; those steps are what the
+fused losses must reproduce. Each is read from a config attribute:
+
+    softcap:        logits = c·tanh(logits / c)          (Gemma 2/3, VaultGemma, nanochat)
+    scale:          logits = logits · s                  (Cohere's `logit_scale`)
+    inverse_scale:  logits = logits / s                  (Granite's `logits_scaling`)
+
+Everything that happens *before* the `lm_head` (Gemma's √H embedding scale, final norms) is the
+backbone's business and needs no entry. Entries were read from the modeling files of
+transformers 5.24 (`*ForCausalLM.forward`, the lines after `self.lm_head(hidden_states)`).
+
+A `model_type` absent from the table is plain, unless its (text) config sets one of the known
+attribute names below, in which case that rule is applied with a one-time warning: better a loud
+guess from the config than a silently different loss.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class HeadQuirk:
+    """Names of the config attributes (on the text config) that post-process the logits."""
+
+    softcap: str | None = None
+    scale: str | None = None
+    inverse_scale: str | None = None
+
+
+PLAIN = HeadQuirk()
+_GEMMA_SOFTCAP = HeadQuirk(softcap="final_logit_softcapping")
+_COHERE_SCALE = HeadQuirk(scale="logit_scale")
+_GRANITE_SCALE = HeadQuirk(inverse_scale="logits_scaling")
+
+# model_type -> quirk. Plain architectures are listed too, so that the table says they were checked.
+QUIRKS: dict[str, HeadQuirk] = {
+    **dict.fromkeys(("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma",
+                     "phi", "phi3", "gpt2", "gpt_neox", "gptj", "gpt_bigcode", "falcon", "bloom", "opt",
+                     "olmo", "olmo2", "stablelm", "starcoder2"), PLAIN),
+    # Gemma 3's multimodal `Gemma3ForConditionalGeneration` applies no softcap in its forward.
+    "gemma3": PLAIN,
+    **dict.fromkeys(("gemma2", "gemma3_text", "vaultgemma", "nanochat"), _GEMMA_SOFTCAP),
+    "recurrent_gemma": HeadQuirk(softcap="logits_soft_cap"),
+    **dict.fromkeys(("cohere", "cohere2", "cohere2_moe"), _COHERE_SCALE),
+    **dict.fromkeys(("granite", "granite_swa", "granitemoe", "granitemoe_swa", "granitemoeshared",
+                     "granitemoehybrid"), _GRANITE_SCALE),
+}
+
+# For architectures outside the table: attribute name -> which rule it means.
+_KNOWN_KEYS = {
+    "final_logit_softcapping": "softcap",
+    "logits_soft_cap": "softcap",
+    "logit_scale": "scale",
+    "output_multiplier": "scale",
+    "logits_scaling": "inverse_scale",
+}
+_warned: set[str] = set()
+
+
+def head_quirk(config) -> HeadQuirk:
+    """The quirk of `config.model_type`; for an unknown type, guessed from its config attributes."""
+    model_type = getattr(config, "model_type", None)
+    if model_type in QUIRKS:
+        return QUIRKS[model_type]
+    text = _text_config(config)
+    found = {rule: key for key, rule in _KNOWN_KEYS.items() if getattr(text, key, None) is not None}
+    if not found:
+        return PLAIN
+    if model_type not in _warned:
+        _warned.add(model_type)
+        warnings.warn(f"alignfast: model_type {model_type!r} is not in alignfast's quirks table; applying "
+                      f"{found} from its config to the logits. Check the loss against the model's own "
+                      f"(alignfast.integrations.model_quirks.QUIRKS).", stacklevel=3)
+    return HeadQuirk(**found)
+
+
+def head_constants(config) -> tuple[float | None, float]:
+    """(softcap, scale) of `config`'s model: logits = softcap·tanh(scale·(h·W + b) / softcap)."""
+    quirk, text = head_quirk(config), _text_config(config)
+    softcap = _read(text, quirk.softcap)
+    scale = 1.0
+    if quirk.scale is not None and _read(text, quirk.scale) is not None:
+        scale *= _read(text, quirk.scale)
+    if quirk.inverse_scale is not None and _read(text, quirk.inverse_scale) is not None:
+        scale /= _read(text, quirk.inverse_scale)
+    return softcap, scale
+
+
+def _text_config(config):
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
+def _read(config, key: str | None) -> float | None:
+    if key is None:
+        return None
+    value = getattr(config, key, None)
+    return None if value is None else float(value)
