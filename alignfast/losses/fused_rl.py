@@ -1,0 +1,117 @@
+"""Fused policy-gradient losses: PPO and GRPO from hidden states.
+
+`hidden` [B, T, H] are the policy's last hidden states over prompt + completion, `labels` [B, T]
+the sampled completion tokens (already shifted, `ignore_index` on the prompt and padding). The
+policy's token log-probs (and entropies) are streamed chunk by chunk of whole sequences; the
+functional loss on a chunk, rescaled by the chunk's share of the batch's normaliser, gives the
+per-token gradient in the same pass (3 vocab projections); the reference costs 1, no gradient.
+"""
+from __future__ import annotations
+
+from alignfast.losses._reductions import LOSS_AGG_MODES, aggregate, masked_mean
+from alignfast.losses._validation import check_choice
+from alignfast.losses.fused_base import LinearLossBase, SequenceBatch
+from alignfast.losses.grpo import GRPO_LOSS_TYPES, grpo_loss
+from alignfast.losses.kl import KL_ESTIMATORS, token_kl
+from alignfast.losses.ppo import ppo_policy_loss
+
+
+class LinearPPOLoss(LinearLossBase):
+    """PPO's clipped policy loss + a per-token KL penalty to the reference − an entropy bonus.
+
+    Schulman et al., "Proximal Policy Optimization Algorithms", 2017, https://arxiv.org/abs/1707.06347;
+    the KL penalty as in Ouyang et al. (InstructGPT), 2022, https://arxiv.org/abs/2203.02155:
+
+        loss = agg(max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε_high))) + kl_coef·agg(KL_t) − entropy_coef·agg(H_t)
+
+    ρ = π/π_old per token, KL_t = `token_kl(logp, ref, kl_estimator)`, H_t the policy's entropy, agg
+    the `loss_agg` reduction for all three terms. Options mirror `ppo_policy_loss` (clip_eps,
+    clip_eps_high, dual_clip, loss_agg) plus kl_coef, kl_estimator, entropy_coef; `log_entropy`
+    computes the entropy for the metric even when entropy_coef is 0 (one more pass per block).
+
+    forward(hidden [B, T, H], weight [V, H], labels [B, T], old_logprobs [B, T], advantages [B, T] or [B],
+            bias=None, *, ref_hidden + ref_weight (+ ref_bias) or ref_logps [B, T])
+        -> (loss, {"policy_loss", "clipfrac", "approx_kl", "ratio_mean", "kl"?, "entropy"?, ...}),
+           metrics masked token means over the batch, detached.
+    """
+
+    def __init__(self, *, clip_eps: float = 0.2, clip_eps_high: float | None = None, dual_clip: float | None = None,
+                 loss_agg: str = "token-mean", kl_coef: float = 0.0, kl_estimator: str = "k1",
+                 entropy_coef: float = 0.0, log_entropy: bool = True, **options):
+        super().__init__(**options)
+        check_choice("loss_agg", loss_agg, LOSS_AGG_MODES)
+        check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
+        self.clip_eps, self.clip_eps_high, self.dual_clip, self.loss_agg = clip_eps, clip_eps_high, dual_clip, loss_agg
+        self.kl_coef, self.kl_estimator = kl_coef, kl_estimator
+        self.entropy_coef, self.log_entropy = entropy_coef, log_entropy
+
+    def forward(self, hidden, weight, labels, old_logprobs, advantages, bias=None, *, ref_hidden=None,
+                ref_weight=None, ref_bias=None, ref_logps=None):
+        has_ref = ref_hidden is not None or ref_weight is not None or ref_logps is not None
+        if self.kl_coef and not has_ref:
+            raise ValueError(f"kl_coef={self.kl_coef!r} needs the reference: pass ref_hidden + ref_weight or ref_logps")
+
+        def formula(batch: SequenceBatch):
+            mask = batch.mask
+            loss, metrics = ppo_policy_loss(batch.logps, batch.take(old_logprobs), batch.take(advantages), mask,
+                                            clip_eps=self.clip_eps, clip_eps_high=self.clip_eps_high,
+                                            dual_clip=self.dual_clip, loss_agg=self.loss_agg)
+            metrics["policy_loss"] = loss.detach()
+            if batch.ref is not None:
+                kl = token_kl(batch.logps, batch.ref_token_logps(), self.kl_estimator)
+                if self.kl_coef:
+                    loss = loss + self.kl_coef * aggregate(kl, mask, self.loss_agg)
+                metrics["kl"] = masked_mean(kl, mask).detach()
+            if batch.entropy is not None:
+                if self.entropy_coef:
+                    loss = loss - self.entropy_coef * aggregate(batch.entropy, mask, self.loss_agg)
+                metrics["entropy"] = masked_mean(batch.entropy, mask).detach()
+            share = batch.token_share if self.loss_agg == "token-mean" else batch.row_share
+            return loss * share, metrics
+
+        return self._loss(formula, hidden, weight, bias, labels, ref_hidden=ref_hidden, ref_weight=ref_weight,
+                          ref_bias=ref_bias, ref_logps=ref_logps, ref_per_token=True,
+                          with_entropy=self.log_entropy or bool(self.entropy_coef))
+
+
+class LinearGRPOLoss(LinearLossBase):
+    """GRPO (and BNPO, Dr. GRPO, DAPO) from hidden states, with TRL's normalisers.
+
+    Shao et al., "DeepSeekMath" (GRPO), 2024, https://arxiv.org/abs/2402.03300:
+        l_t = −min(ρ·A, clip(ρ, 1−ε, 1+ε_high)·A) + β·k3_t, normalised per `loss_type` (see `grpo_loss`).
+    Options mirror `grpo_loss` (beta, epsilon, epsilon_high, loss_type, max_completion_length);
+    `log_entropy` adds TRL's "entropy" metric (one more pass per block).
+
+    forward(hidden [B, T, H], weight [V, H], labels [B, T], advantages [B] (or [B, T]), bias=None, *,
+            old_logprobs [B, T] | None (None: on-policy, π_old = π detached), ref_hidden + ref_weight
+            (+ ref_bias) or ref_logps [B, T] (needed when beta > 0))
+        -> (loss, {"clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "kl"?, "entropy"?}).
+    """
+
+    def __init__(self, *, beta: float = 0.0, epsilon: float = 0.2, epsilon_high: float | None = None,
+                 loss_type: str = "dapo", max_completion_length: int | None = None, log_entropy: bool = True,
+                 **options):
+        super().__init__(**options)
+        check_choice("loss_type", loss_type, GRPO_LOSS_TYPES)
+        self.beta, self.epsilon, self.epsilon_high = beta, epsilon, epsilon_high
+        self.loss_type, self.max_completion_length, self.log_entropy = loss_type, max_completion_length, log_entropy
+
+    def forward(self, hidden, weight, labels, advantages, bias=None, *, old_logprobs=None, ref_hidden=None,
+                ref_weight=None, ref_bias=None, ref_logps=None):
+        has_ref = ref_hidden is not None or ref_weight is not None or ref_logps is not None
+        if self.beta and not has_ref:
+            raise ValueError(f"beta={self.beta!r} needs the reference: pass ref_hidden + ref_weight or ref_logps")
+        max_len = self.max_completion_length or labels.shape[1]
+
+        def formula(batch: SequenceBatch):
+            ref = batch.ref_token_logps() if batch.ref is not None else None
+            loss, metrics = grpo_loss(batch.logps, batch.take(old_logprobs), ref, batch.take(advantages), batch.mask,
+                                      beta=self.beta, epsilon=self.epsilon, epsilon_high=self.epsilon_high,
+                                      loss_type=self.loss_type, max_completion_length=max_len)
+            if batch.entropy is not None:
+                metrics["entropy"] = masked_mean(batch.entropy, batch.mask).detach()
+            share = batch.row_share if self.loss_type in ("grpo", "dr_grpo") else batch.token_share
+            return loss * share, metrics
+
+        return self._loss(formula, hidden, weight, bias, labels, ref_hidden=ref_hidden, ref_weight=ref_weight,
+                          ref_bias=ref_bias, ref_logps=ref_logps, ref_per_token=True, with_entropy=self.log_entropy)

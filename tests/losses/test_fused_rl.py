@@ -1,0 +1,155 @@
+"""LinearPPOLoss and LinearGRPOLoss against their functional losses on materialised float64 log-probs."""
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_close
+
+import alignfast.ops.chunked as chunked
+from alignfast.losses._reductions import aggregate, masked_mean
+from alignfast.losses.fused_rl import LinearGRPOLoss, LinearPPOLoss
+from alignfast.losses.grpo import grpo_loss
+from alignfast.losses.kl import token_kl
+from alignfast.losses.ppo import ppo_policy_loss
+
+B, T, H, V = 5, 6, 10, 43
+FP64, FP32 = torch.float64, torch.float32
+
+
+def token_stats(hidden, weight, bias, labels):
+    """Oracle: float64 logits -> the targets' log-probs and the entropies, 0 at ignored positions."""
+    logits = hidden.double() @ weight.double().t() + bias.double()
+    valid = labels != -100
+    logp = F.log_softmax(logits, -1)
+    lp = logp.gather(-1, labels.where(valid, 0)[..., None]).squeeze(-1)
+    return lp * valid, -(logp.exp() * logp).sum(-1) * valid
+
+
+def make_rollout(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+    labels = torch.randint(0, V, (B, T), generator=g)
+    prompt = torch.tensor([2, 1, 3, 2, 4])
+    labels[torch.arange(T) < prompt[:, None]] = -100
+    labels[1, -2:] = -100
+    policy = dict(hidden=rnd(B, T, H), weight=rnd(V, H, scale=H**-0.5), bias=rnd(V))
+    ref = dict(ref_hidden=rnd(B, T, H), ref_weight=rnd(V, H, scale=H**-0.5), ref_bias=rnd(V))
+    lp, _ = token_stats(*policy.values(), labels)
+    old = (lp + rnd(B, T, scale=0.3).double()).to(dtype)  # ratios on both sides of the clip range
+    return policy, ref, labels, dict(old_logprobs=old, advantages_tok=rnd(B, T), advantages_seq=rnd(B))
+
+
+def ref_inputs(mode, ref, labels):
+    if mode == "hidden":
+        return ref
+    return dict(ref_logps=token_stats(*ref.values(), labels)[0].to(ref["ref_hidden"].dtype))
+
+
+def run(module, call, expected, dtype, ref_mode, rtol_metrics=None):
+    policy, ref, labels, extra = make_rollout(dtype)
+    leaves = {k: v.requires_grad_() for k, v in policy.items()}
+    loss, metrics = call(module, leaves, labels, extra, ref_inputs(ref_mode, ref, labels))
+    oracle = {k: v.detach().double().requires_grad_() for k, v in policy.items()}
+    lp, ent = token_stats(*oracle.values(), labels)
+    rlp, _ = token_stats(*(v.double() for v in ref.values()), labels)
+    want, want_metrics = expected(lp, ent, rlp, labels != -100, {k: v.double() for k, v in extra.items()})
+    rtol = 1e-10 if dtype == FP64 else 1e-5
+    assert_close(loss, want, rtol=rtol, name="loss")
+    for got, exp, name in zip(torch.autograd.grad(loss, list(leaves.values())),
+                              torch.autograd.grad(want, list(oracle.values())), leaves):
+        assert_close(got, exp, rtol=rtol, name=name)
+    for name, value in want_metrics.items():
+        assert_close(metrics[name], value, rtol=rtol, atol=rtol, name=name)
+
+
+PPO_CASES = {
+    "token-mean-kl-ent": dict(kl_coef=0.1, kl_estimator="k3", entropy_coef=0.01),
+    "seq-mean-token-sum-dual": dict(loss_agg="seq-mean-token-sum", dual_clip=3.0, kl_coef=0.05),
+    "seq-mean-token-mean-high": dict(loss_agg="seq-mean-token-mean", clip_eps_high=0.28, entropy_coef=0.02),
+}
+SETTINGS = ([(c, "hidden", FP64, 7) for c in PPO_CASES] + [(c, "token", FP64, 12) for c in PPO_CASES]
+            + [("token-mean-kl-ent", "hidden", FP32, 12), ("token-mean-kl-ent", "token", FP64, 2)])
+IDS = [f"{c}-{m}-{'fp64' if d == FP64 else 'fp32'}-c{n}" for c, m, d, n in SETTINGS]
+
+
+@pytest.mark.parametrize("case,ref_mode,dtype,chunk_size", SETTINGS, ids=IDS)
+def test_ppo(case, ref_mode, dtype, chunk_size):
+    kw = PPO_CASES[case]
+    agg = kw.get("loss_agg", "token-mean")
+    pg_kw = {k: v for k, v in kw.items() if k in ("clip_eps_high", "dual_clip", "loss_agg")}
+
+    def call(module, leaves, labels, extra, refs):
+        return module(leaves["hidden"], leaves["weight"], labels, extra["old_logprobs"], extra["advantages_tok"],
+                      leaves["bias"], **refs)
+
+    def expected(lp, ent, rlp, mask, extra):
+        loss, metrics = ppo_policy_loss(lp, extra["old_logprobs"], extra["advantages_tok"], mask, **pg_kw)
+        kl = token_kl(lp, rlp, kw.get("kl_estimator", "k1"))
+        total = (loss + kw.get("kl_coef", 0.0) * aggregate(kl, mask, agg)
+                 - kw.get("entropy_coef", 0.0) * aggregate(ent, mask, agg))
+        return total, dict(metrics, policy_loss=loss, kl=masked_mean(kl, mask), entropy=masked_mean(ent, mask))
+
+    run(LinearPPOLoss(backend="chunked", chunk_size=chunk_size, **kw), call, expected, dtype, ref_mode)
+
+
+GRPO_CASES = {
+    "dapo": dict(loss_type="dapo", beta=0.04),
+    "grpo": dict(loss_type="grpo", beta=0.1, epsilon_high=0.28),
+    "bnpo-noref": dict(loss_type="bnpo"),
+    "dr_grpo": dict(loss_type="dr_grpo", beta=0.02, max_completion_length=8),
+}
+GSETTINGS = ([(c, "hidden", FP64, 7) for c in GRPO_CASES] + [(c, "token", FP32, 12) for c in ("dapo", "grpo")]
+             + [("grpo", "hidden", FP64, 2)])
+GIDS = [f"{c}-{m}-{'fp64' if d == FP64 else 'fp32'}-c{n}" for c, m, d, n in GSETTINGS]
+
+
+@pytest.mark.parametrize("on_policy", [False, True], ids=["old", "on-policy"])
+@pytest.mark.parametrize("case,ref_mode,dtype,chunk_size", GSETTINGS, ids=GIDS)
+def test_grpo(case, ref_mode, dtype, chunk_size, on_policy):
+    kw = GRPO_CASES[case]
+    use_ref = kw.get("beta", 0.0) > 0
+
+    def call(module, leaves, labels, extra, refs):
+        return module(leaves["hidden"], leaves["weight"], labels, extra["advantages_seq"], leaves["bias"],
+                      old_logprobs=None if on_policy else extra["old_logprobs"], **(refs if use_ref else {}))
+
+    def expected(lp, ent, rlp, mask, extra):
+        loss, metrics = grpo_loss(lp, None if on_policy else extra["old_logprobs"], rlp if use_ref else None,
+                                  extra["advantages_seq"], mask, **kw)
+        return loss, dict(metrics, entropy=masked_mean(ent, mask))
+
+    run(LinearGRPOLoss(backend="chunked", chunk_size=chunk_size, **kw), call, expected, dtype, ref_mode)
+
+
+def test_grpo_three_projections(monkeypatch):
+    policy, ref, labels, extra = make_rollout(FP64)
+    leaves = {k: v.requires_grad_() for k, v in policy.items()}
+    counts = dict(blocks=0, products=0)
+    real_block, real_mm, real_addmm_ = chunked.logits_block, torch.mm, torch.Tensor.addmm_
+
+    def wrap(real, key):
+        def f(*a, **k):
+            counts[key] += 1
+            return real(*a, **k)
+        return f
+
+    monkeypatch.setattr(chunked, "logits_block", wrap(real_block, "blocks"))
+    monkeypatch.setattr(torch, "mm", wrap(real_mm, "products"))
+    monkeypatch.setattr(torch.Tensor, "addmm_", wrap(real_addmm_, "products"))
+    loss, _ = LinearGRPOLoss(backend="chunked", chunk_size=7, beta=0.1)(
+        leaves["hidden"], leaves["weight"], labels, extra["advantages_seq"], leaves["bias"], **ref_inputs("token", ref, labels))
+    loss.backward()
+    assert counts["products"] == 2 * counts["blocks"] and counts["blocks"] > 1  # 3 projections per chunk
+
+
+def test_bad_input():
+    policy, ref, labels, extra = make_rollout(FP64)
+    with pytest.raises(ValueError, match="reference"):
+        LinearGRPOLoss(beta=0.1)(policy["hidden"], policy["weight"], labels, extra["advantages_seq"])
+    with pytest.raises(ValueError, match="loss_type"):
+        LinearGRPOLoss(loss_type="ppo")
+    with pytest.raises(ValueError, match="ref_logps"):
+        LinearPPOLoss(kl_coef=0.1)(policy["hidden"], policy["weight"], labels, extra["old_logprobs"],
+                                   extra["advantages_tok"], ref_logps=torch.zeros(B))
