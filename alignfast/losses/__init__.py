@@ -41,3 +41,12 @@ __all__ = [
 ]
 
 # --- fused modules (one import line and one __all__ entry per file) ---------------------------
+from alignfast.losses.fused_base import LinearLossBase, SequenceBatch  # noqa: E402
+from alignfast.losses.fused_kto import LinearKTOLoss  # noqa: E402
+from alignfast.losses.fused_preference import (LinearCPOLoss, LinearDPOLoss, LinearORPOLoss,  # noqa: E402
+                                               LinearPreferenceLoss, LinearSimPOLoss)
+from alignfast.losses.fused_rl import LinearGRPOLoss, LinearPPOLoss  # noqa: E402
+from alignfast.losses.fused_sft import LinearSFTLoss  # noqa: E402
+
+__all__ += ["LinearCPOLoss", "LinearDPOLoss", "LinearGRPOLoss", "LinearKTOLoss", "LinearLossBase", "LinearORPOLoss",
+            "LinearPPOLoss", "LinearPreferenceLoss", "LinearSFTLoss", "LinearSimPOLoss", "SequenceBatch"]

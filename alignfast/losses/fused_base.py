@@ -166,6 +166,17 @@ class LinearLossBase(nn.Module):
         loss, metrics = formula(batch)
         return loss, _detached(metrics)
 
+    def token_logps_no_grad(self, hidden, weight, bias, labels) -> torch.Tensor:
+        """[B, T] log-probs of `labels` (0 at ignored positions), one streamed projection, no gradient."""
+        if hidden.dim() != 3 or hidden.shape[:-1] != labels.shape:
+            raise ValueError(f"hidden {tuple(hidden.shape)} does not match labels {tuple(labels.shape)}")
+        opts = make_options(hidden, weight, labels, bias, temperature=self.temperature, softcap=self.softcap,
+                            ignore_index=self.ignore_index, backend=self.backend, chunk_size=self.chunk_size)
+        with torch.no_grad():
+            st = logprob_stats(hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1), opts,
+                               self.ignore_index)
+        return st.logprob.view(labels.shape)
+
     def _reference(self, labels, mask, opts: LogitOptions, ref_hidden, ref_weight, ref_bias, ref_logps,
                    per_token: bool):
         """Reference log-probs: [B, T] (0 at ignored positions) or [B]; one no-grad projection."""
@@ -176,13 +187,7 @@ class LinearLossBase(nn.Module):
                 raise ValueError("pass either ref_hidden + ref_weight or ref_logps, not both")
             if ref_hidden.shape[:-1] != labels.shape:
                 raise ValueError(f"ref_hidden {tuple(ref_hidden.shape)} does not match labels {tuple(labels.shape)}")
-            ref_opts = make_options(ref_hidden, ref_weight, labels, ref_bias, temperature=self.temperature,
-                                    softcap=self.softcap, ignore_index=self.ignore_index, backend=opts.backend,
-                                    chunk_size=self.chunk_size)
-            with torch.no_grad():
-                st = logprob_stats(ref_hidden.reshape(-1, ref_hidden.shape[-1]), ref_weight, ref_bias,
-                                   labels.reshape(-1), ref_opts, self.ignore_index)
-            return st.logprob.view(labels.shape)
+            return self.token_logps_no_grad(ref_hidden, ref_weight, ref_bias, labels)
         if ref_logps is None:
             return None
         ref_logps = ref_logps.detach()
