@@ -92,8 +92,8 @@ def _kl_fwd_kernel(
         x = _raw_logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_mask, col_mask, H,
                              stride_hn, stride_hk, stride_wv, stride_wk,
                              HAS_BIAS, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
-        y = _raw_logits_tile(ref_hidden_ptr, ref_weight_ptr, ref_bias_ptr, rows, cols, row_mask, col_mask, H_REF,
-                             stride_rn, stride_rk, stride_rv, stride_rwk,
+        y = _raw_logits_tile(ref_hidden_ptr, ref_weight_ptr, ref_bias_ptr, rows, cols, row_mask, col_mask,
+                             H_REF, stride_rn, stride_rk, stride_rv, stride_rwk,
                              HAS_REF_BIAS, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
         x = x * inv_temp  # finite everywhere (masked columns hold the bias or 0)
         y = y * inv_temp

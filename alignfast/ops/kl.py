@@ -138,7 +138,8 @@ def implementation(backend: str):
         from alignfast.kernels import kl as triton_kl
 
         return triton_kl
-    raise ValueError(f"linear_kl has no implementation for backend {backend!r}; available: {list(KL_BACKENDS)}")
+    raise ValueError(f"linear_kl has no implementation for backend {backend!r}; "
+                     f"available: {list(KL_BACKENDS)}")
 
 
 class LinearKLFunction(torch.autograd.Function):
@@ -149,7 +150,8 @@ class LinearKLFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, opts: KLOptions):
         ctx.set_materialize_grads(False)
-        st = implementation(opts.backend).forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, opts)
+        impl = implementation(opts.backend)
+        st = impl.forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, opts)
         ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, *st)
         ctx.opts = opts
         return st.kl
@@ -243,7 +245,8 @@ def make_kl_options(hidden, weight, ref_hidden, ref_weight, bias, ref_bias, targ
         raise ValueError(f"ref_hidden {shape(ref_hidden)} must have hidden's leading shape "
                          f"{shape(hidden)[:-1]} (hidden is {shape(hidden)})")
     if ref_hidden.dtype != hidden.dtype:
-        raise ValueError(f"ref_hidden ({ref_hidden.dtype}) and hidden ({hidden.dtype}) must have the same dtype")
+        raise ValueError(f"ref_hidden ({ref_hidden.dtype}) and hidden ({hidden.dtype}) must have the same "
+                         f"dtype")
     if ref_hidden.device != hidden.device:
         raise ValueError(f"ref_hidden is on {ref_hidden.device} but hidden is on {hidden.device}")
     if targets_mask is not None:
