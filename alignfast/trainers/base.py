@@ -246,7 +246,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
                 if cfg.eval_steps and self.step % cfg.eval_steps == 0 and self.step < self.total_steps:
                     self._log_eval(log)
-                if cfg.save_steps and self.step % cfg.save_steps == 0:
+                if cfg.save_steps and self.step % cfg.save_steps == 0 and not self.bad_in_a_row:
                     self.save_checkpoint()
                     last_saved = self.step
             last.update({f"eval_{k}": v for k, v in self._log_eval(log).items()})

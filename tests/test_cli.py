@@ -1,0 +1,70 @@
+"""The `alignfast` command: --help lists every option, bad values exit early, a tiny run, the demo."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from alignfast.cli import build_parser, main
+from alignfast.trainers import STAGES
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_help_lists_every_option_with_default(stage, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", stage, "--help"])
+    text = capsys.readouterr().out
+    for name, default, _ in STAGES[stage][0].options():
+        assert f"  {name} " in text and repr(default) in text, name
+
+
+def test_bad_value_fails_before_loading(capsys, tmp_path):
+    assert main(["train", "dpo", "--model", str(tmp_path / "missing"), "beta=0"]) == 2
+    assert "model" in capsys.readouterr().err
+    model = tmp_path / "m"
+    model.mkdir()  # exists but is no model: the beta check must fire first, before any load
+    assert main(["train", "dpo", "--model", str(model), "beta=0"]) == 2
+    assert "beta" in capsys.readouterr().err
+
+
+def test_train_sft_from_the_command_line(tmp_path, capsys):
+    import torch
+
+    from alignfast.data import toy, write_jsonl
+    from alignfast.models.tiny import save_tiny
+
+    torch.set_num_threads(1)
+    model = save_tiny(tmp_path / "m")
+    data = write_jsonl(toy.sft_records(16), tmp_path / "d.jsonl")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("per_device_batch_size: 8\nmax_steps: 2\ndisable_tqdm: true\n")
+    rc = main(["train", "sft", "--config", str(cfg), "--model", model, "--dataset", data,
+               "--output-dir", str(tmp_path / "o"), "learning_rate=1e-3"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["output_dir"] == str(tmp_path / "o") and out["loss"] > 0
+
+
+def test_examples_parse():
+    root = os.path.join(os.path.dirname(__file__), "..", "examples")
+    import yaml
+
+    for stage in STAGES:
+        path = os.path.join(root, f"{stage}.yaml")
+        with open(path) as f:
+            keys = set(yaml.safe_load(f))
+        assert keys <= {name for name, _, _ in STAGES[stage][0].options()}, path
+
+
+def test_demo_runs_small():
+    out = subprocess.run([sys.executable, "-m", "alignfast.cli", "demo", "--tokens", "64", "--hidden", "32",
+                          "--vocab", "500"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    assert "reference" in out.stdout and "chunked" in out.stdout
+
+
+def test_parser_has_all_stages():
+    parser = build_parser()
+    assert parser.parse_args(["train", "kto", "beta=0.2"]).overrides == ["beta=0.2"]

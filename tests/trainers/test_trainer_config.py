@@ -1,0 +1,65 @@
+"""Bad configuration values fail before any model is loaded, naming the key."""
+import pytest
+
+from alignfast.trainers import DPOConfig, KTOConfig, SFTConfig, load_config
+from alignfast.trainers import modeling
+
+
+@pytest.fixture(autouse=True)
+def no_model_loading(monkeypatch):
+    def forbidden(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(modeling, "load_causal_lm", forbidden)
+
+
+@pytest.mark.parametrize("cls,overrides,key", [
+    (SFTConfig, ["learning_rte=1e-5"], "learning_rte"),
+    (DPOConfig, ["loss_type=sigmoidal"], "loss_type"),
+    (DPOConfig, ["beta=0"], "beta"),
+    (KTOConfig, ["beta=-0.1"], "beta"),
+    (SFTConfig, ["per_device_batch_size=0"], "per_device_batch_size"),
+    (SFTConfig, ["gradient_accumulation_steps=0"], "gradient_accumulation_steps"),
+    (SFTConfig, ["model=/does/not/exist"], "model"),
+    (SFTConfig, ["model="], "model"),
+    (SFTConfig, ["lr_scheduler=exponential"], "lr_scheduler"),
+    (SFTConfig, ["on_bad_record=ignore"], "on_bad_record"),
+    (SFTConfig, ["per_device_batch_size=two"], "per_device_batch_size"),
+    (SFTConfig, ["report_to=[jsonl,carrier_pigeon]"], "report_to"),
+    (KTOConfig, ["desirable_weight=0"], "desirable_weight"),
+    (KTOConfig, ["per_device_batch_size=1"], "per_device_batch_size"),
+    (SFTConfig, ["dataset=/no/such.jsonl"], "dataset"),
+])
+def test_bad_values_name_the_key(cls, overrides, key, tiny_model_dir):
+    with pytest.raises(ValueError, match=key):
+        load_config(cls, None, overrides, model=tiny_model_dir)
+
+
+def test_missing_model_is_required():
+    with pytest.raises(ValueError, match="model"):
+        load_config(SFTConfig, None, [])
+
+
+def test_yaml_then_overrides(tmp_path, tiny_model_dir):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"model: {tiny_model_dir}\nbeta: 0.3\nlearning_rate: 1.0e-6\nreport_to: [jsonl]\n")
+    cfg = load_config(DPOConfig, str(path), ["beta=0.5", "max_steps=7"])
+    assert (cfg.beta, cfg.learning_rate, cfg.max_steps, cfg.report_to) == (0.5, 1e-6, 7, ["jsonl"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"model: {tiny_model_dir}\nbeta: 0\n")
+    with pytest.raises(ValueError, match="beta"):
+        load_config(DPOConfig, str(bad))
+
+
+def test_yaml_is_safe_loaded(tmp_path, tiny_model_dir):
+    path = tmp_path / "evil.yaml"
+    path.write_text(f"model: {tiny_model_dir}\nseed: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(Exception, match="could not determine a constructor|ConstructorError|python/object"):
+        load_config(SFTConfig, str(path))
+
+
+def test_config_hash_ignores_logging_only(tiny_model_dir):
+    a = load_config(SFTConfig, None, ["logging_steps=3", "save_steps=2"], model=tiny_model_dir)
+    b = load_config(SFTConfig, None, ["logging_steps=5"], model=tiny_model_dir)
+    c = load_config(SFTConfig, None, ["learning_rate=1e-3"], model=tiny_model_dir)
+    assert a.config_hash() == b.config_hash() != c.config_hash()

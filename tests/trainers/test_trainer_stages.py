@@ -1,0 +1,87 @@
+"""Each trainer trains the tiny model a few steps and its loss falls on the toy data."""
+import json
+import os
+
+import pytest
+import torch
+
+from trainer_helpers import make_trainer
+
+LR = {"sft": 3e-3, "reward": 3e-3, "dpo": 3e-3, "kto": 3e-3}
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward", "dpo", "kto"])
+def test_loss_falls(stage, tiny_model_dir, tmp_path):
+    extra = ["beta=0.5"] if stage in ("dpo", "kto") else []
+    tr = make_trainer(stage, tiny_model_dir, tmp_path, [f"learning_rate={LR[stage]}", "max_steps=12"] + extra)
+    before = tr.evaluate(tr.train_data)["loss"]
+    tr.train()
+    after = tr.evaluate(tr.train_data)["loss"]
+    assert after < before - 0.05 * abs(before), (stage, before, after)
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 13))
+    assert os.path.isfile(tmp_path / "model.safetensors") and os.path.isfile(tmp_path / "tokenizer.json")
+
+
+def test_reward_accuracy_and_saved_as_sequence_classifier(tiny_model_dir, tmp_path):
+    tr = make_trainer("reward", tiny_model_dir, tmp_path, ["learning_rate=3e-3", "max_steps=12",
+                                                            "center_rewards_coefficient=0.01"])
+    tr.train()
+    m = tr.evaluate(tr.train_data)
+    assert m["accuracy"] > 0.7, m
+    from transformers import AutoModelForSequenceClassification
+
+    rm = AutoModelForSequenceClassification.from_pretrained(str(tmp_path))
+    assert rm.config.num_labels == 1
+
+
+def test_dpo_precomputed_reference_matches_live_reference(tiny_model_dir, tmp_path):
+    torch.manual_seed(0)
+    live = make_trainer("dpo", tiny_model_dir, tmp_path / "a", ["max_steps=2", "learning_rate=1e-3"])
+    pre = make_trainer("dpo", tiny_model_dir, tmp_path / "b", ["max_steps=2", "learning_rate=1e-3",
+                                                               "precompute_ref_logps=true"])
+    assert pre.reference.model is None  # dropped after precomputation
+    assert "ref_chosen_logps" in pre.train_data[0]
+    a, b = live.train(), pre.train()
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    for pa, pb in zip(live.model.parameters(), pre.model.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss_type", ["hinge", "ipo"])
+def test_dpo_loss_types_run(loss_type, tiny_model_dir, tmp_path):
+    out = make_trainer("dpo", tiny_model_dir, tmp_path, ["max_steps=1", f"loss_type={loss_type}"]).train()
+    assert torch.isfinite(torch.tensor(out["loss"]))
+
+
+def test_kto_weights_and_kl(tiny_model_dir, tmp_path):
+    tr = make_trainer("kto", tiny_model_dir, tmp_path, ["max_steps=3", "learning_rate=3e-3",
+                                                         "desirable_weight=1.5", "undesirable_weight=0.5"])
+    out = tr.train()
+    assert out["kl"] >= 0 and {"rewards/chosen", "rewards/rejected"} <= set(out)
+
+
+def test_gradient_accumulation_matches_one_big_batch(tiny_model_dir, tmp_path):
+    """Token-count normalisation across micro-batches: 2 × 8 with accumulation == 1 × 16."""
+    a = make_trainer("sft", tiny_model_dir, tmp_path / "a", ["max_steps=2", "per_device_batch_size=16",
+                                                             "learning_rate=1e-3"])
+    b = make_trainer("sft", tiny_model_dir, tmp_path / "b", ["max_steps=2", "per_device_batch_size=8",
+                                                             "gradient_accumulation_steps=2", "learning_rate=1e-3"])
+    ra, rb = a.train(), b.train()
+    assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
+    for pa, pb in zip(a.model.parameters(), b.model.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-6)
+
+
+def test_no_trainer_computes_logits(tiny_model_dir, tmp_path, monkeypatch):
+    """The lm_head module is never called: the fused losses take its weight."""
+    from transformers.models.llama.modeling_llama import LlamaForCausalLM
+
+    def forbidden(*a, **k):
+        raise AssertionError("the causal LM's forward (logits) was called")
+
+    monkeypatch.setattr(LlamaForCausalLM, "forward", forbidden)
+    for stage in ("sft", "dpo", "kto"):
+        tr = make_trainer(stage, tiny_model_dir, tmp_path / stage, ["max_steps=1"])
+        tr.model.causal_lm.lm_head.register_forward_hook(lambda *a: forbidden())
+        tr.train()
