@@ -3,6 +3,7 @@ loss methods unbound on the same log-probs as alignfast's functional losses (imp
 import is slow)."""
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from types import SimpleNamespace
 
@@ -38,6 +39,7 @@ def fake_lm(log_probs: torch.Tensor, **extra):
 
 
 def import_trl(module: str, name: str):
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # the CPO/ORPO trainers live in trl.experimental
     pytest.importorskip("trl")
     mod = __import__(module, fromlist=[name])
     return getattr(mod, name)
