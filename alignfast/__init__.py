@@ -6,7 +6,8 @@ exist.
 """
 from alignfast.dispatch import backends
 from alignfast.ops import LogProbs, linear_cross_entropy, linear_kl, linear_logprobs
+from alignfast import losses  # noqa: E402  (after the ops it builds on)
 
 __version__ = "0.1.0"
 
-__all__ = ["LogProbs", "backends", "linear_cross_entropy", "linear_kl", "linear_logprobs", "__version__"]
+__all__ = ["LogProbs", "backends", "linear_cross_entropy", "linear_kl", "linear_logprobs", "losses", "__version__"]
