@@ -35,7 +35,8 @@ def loss_types() -> tuple[str, ...]:
         return FALLBACK_LOSS_TYPES
     import alignfast.losses.dpo as mod
 
-    return tuple(getattr(mod, "DPO_LOSS_TYPES", getattr(mod, "LOSS_TYPES", DPO_LOSS_TYPES)))
+    registry = getattr(mod, "DPO_LOSSES", None)
+    return tuple(registry) if registry else DPO_LOSS_TYPES
 
 
 def _fallback_dpo_loss(chosen, rejected, ref_chosen, ref_rejected, *, beta, loss_type, label_smoothing=0.0,

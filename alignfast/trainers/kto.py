@@ -20,12 +20,15 @@ from alignfast.trainers.config import TrainConfig, opt
 from alignfast.trainers.reference import ReferencePolicy
 from alignfast.trainers.sequence import sequence_logps
 
-KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+try:  # the functional losses of alignfast.losses, once they exist
+    from alignfast.losses.kto import KTO_LOSS_TYPES, kto_kl_estimate, kto_loss
+except ImportError:  # pragma: no cover - depends on which parts are built
+    KTO_LOSS_TYPES, kto_kl_estimate, kto_loss = ("kto", "apo_zero_unpaired"), None, None
 
 
 def kto_losses(logps, ref_logps, desirable, kl, *, beta, desirable_weight, undesirable_weight, loss_type="kto"):
-    """Per-example losses [B] and implicit rewards β·r [B] (see the module docstring; APO-zero
-    unpaired: 1 − σ(β·r) for desirable, σ(β·r) for undesirable)."""
+    """Fallback until `alignfast.losses.kto.kto_loss` exists. Per-example losses [B] and implicit
+    rewards β·r [B] (see the module docstring; APO-zero unpaired: 1 − σ(β·r) for desirable, σ(β·r) for undesirable)."""
     ratio = logps - ref_logps
     if loss_type == "kto":
         good, bad = 1 - torch.sigmoid(beta * (ratio - kl)), 1 - torch.sigmoid(beta * (kl - ratio))
@@ -103,9 +106,13 @@ class KTOTrainer(Trainer):
         with torch.no_grad():
             kl_logps = sequence_logps(model, batch["kl_input_ids"], batch["kl_attention_mask"], batch["kl_labels"],
                                       backend=self.cfg.backend, chunk_size=self.cfg.chunk_size)[0]
-            kl = (kl_logps - self._ref(batch, "ref_kl_logps", "kl_")).mean()
-            if self.accelerator.num_processes > 1:
-                kl = self.accelerator.reduce(kl, reduction="mean")
+            ref_kl_logps = self._ref(batch, "ref_kl_logps", "kl_")
+            gather = self.accelerator.gather if self.accelerator.num_processes > 1 else None
+            if kto_kl_estimate is not None:
+                return kto_kl_estimate(kl_logps, ref_kl_logps, gather=gather)
+            kl = (kl_logps - ref_kl_logps).mean()
+            if gather is not None:
+                kl = gather(kl[None]).mean()
         return kl.clamp(min=0)
 
     def compute_loss(self, model, batch):
@@ -113,10 +120,14 @@ class KTOTrainer(Trainer):
         logps = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
                                backend=self.cfg.backend, chunk_size=self.cfg.chunk_size)[0]
         desirable = batch["label"]
-        losses, rewards = kto_losses(logps, self._ref(batch, "ref_logps"), desirable, kl, beta=self.cfg.beta,
-                                     desirable_weight=self.cfg.desirable_weight,
-                                     undesirable_weight=self.cfg.undesirable_weight, loss_type=self.cfg.loss_type)
-        n_good = desirable.sum()
-        return losses.sum(), {"rewards/chosen": (rewards[desirable].sum(), n_good),
-                              "rewards/rejected": (rewards[~desirable].sum(), desirable.numel() - n_good),
+        kwargs = dict(beta=self.cfg.beta, desirable_weight=self.cfg.desirable_weight,
+                      undesirable_weight=self.cfg.undesirable_weight, loss_type=self.cfg.loss_type)
+        ref_logps = self._ref(batch, "ref_logps")
+        if kto_loss is not None:
+            losses, r_good, r_bad = kto_loss(logps, ref_logps, desirable, kl, **kwargs)
+        else:
+            losses, rewards = kto_losses(logps, ref_logps, desirable, kl, **kwargs)
+            r_good, r_bad = rewards[desirable], rewards[~desirable]
+        return losses.sum(), {"rewards/chosen": (r_good.detach().sum(), r_good.numel()),
+                              "rewards/rejected": (r_bad.detach().sum(), r_bad.numel()),
                               "kl": kl * desirable.numel()}

@@ -21,6 +21,11 @@ from alignfast.trainers.base import Trainer
 from alignfast.trainers.config import TrainConfig, opt
 from alignfast.trainers.modeling import DTYPES, backbone
 
+try:  # the functional loss of alignfast.losses, once it exists
+    from alignfast.losses.reward import reward_loss as _reward_loss
+except ImportError:  # pragma: no cover - depends on which parts are built
+    _reward_loss = None
+
 
 @dataclass
 class RewardConfig(TrainConfig):
@@ -61,7 +66,7 @@ class ScalarHeadModel(nn.Module):
 
 
 def bradley_terry(chosen, rejected, margin=None, center_coefficient: float = 0.0):
-    """Per-pair reward-model loss [B] (see the module docstring)."""
+    """Fallback until `alignfast.losses.reward.reward_loss` exists: per-pair loss [B] (module docstring)."""
     diff = chosen - rejected
     if margin is not None:
         diff = diff - margin
@@ -102,9 +107,14 @@ class RewardTrainer(Trainer):
         rewards = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         chosen, rejected = rewards.chunk(2)
         margin = batch.get("margin") if self.cfg.use_margin else None
-        losses = bradley_terry(chosen, rejected, margin, self.cfg.center_rewards_coefficient)
+        if _reward_loss is not None:  # a batch mean: the sum over pairs is mean × B
+            mean, _ = _reward_loss(chosen, rejected, margin=margin,
+                                   center_rewards_coefficient=self.cfg.center_rewards_coefficient or None)
+            loss_sum = mean * chosen.shape[0]
+        else:
+            loss_sum = bradley_terry(chosen, rejected, margin, self.cfg.center_rewards_coefficient).sum()
         d = (chosen - rejected).detach()
-        return losses.sum(), {"accuracy": (d > 0).float().sum(), "margin": d.sum(),
+        return loss_sum, {"accuracy": (d > 0).float().sum(), "margin": d.sum(),
                               "rewards/chosen": chosen.detach().sum(), "rewards/rejected": rejected.detach().sum()}
 
     def save_model(self, path: str) -> None:
