@@ -25,7 +25,7 @@ Precision: tiles are multiplied in the input dtype (bf16/fp16 on tensor cores, f
 fp64. Under TRITON_INTERPRET=1 bf16/fp16 tiles are upcast to fp32 before `tl.dot`, because the
 interpreter's low-precision dot is wrong (a known upstream issue) — only there.
 
-Blocks: a known-good default per device (`default_config`); `ALIGNFAST_AUTOTUNE=1` autotunes a
+Blocks: a default per dtype and kernel (`default_config`); `ALIGNFAST_AUTOTUNE=1` autotunes a
 few configs instead, keyed on (power-of-two bucket of N, H, V).
 """
 from __future__ import annotations
@@ -57,9 +57,14 @@ class BlockConfig:
     group_n: int = 8  # backward: token blocks per group of the grouped program order
 
 
-def default_config(dtype: torch.dtype, n: int, v: int, h: int) -> BlockConfig:
-    """The known-good default: 64×128×64 tiles on the GPU (H100/H200, bf16 and fp32); big tiles
-    under the interpreter, where each program costs Python overhead (masks keep any size right)."""
+def default_config(dtype: torch.dtype, n: int, v: int, h: int, kernel: str = "fwd") -> BlockConfig:
+    """The default blocks of `kernel` ("fwd" or "bwd") for inputs of `dtype`.
+
+    GPU (chosen for H100/H200, sm_90): bf16/fp16 64×128×64 tiles (the backward with BLOCK_H=32),
+    fp32 64×64×32, fp64 32×64×32; these compile for sm_90 without register spills (checked with
+    ptxas; the fp64 backward spills a little). Under the interpreter: big tiles, since each
+    program costs Python overhead (masks keep any size right).
+    """
     if triton_interpreted():
         return BlockConfig(block_n=min(max(triton.next_power_of_2(n), 16), 128),
                            block_v=min(max(triton.next_power_of_2(v), 16), 1024),
@@ -67,7 +72,9 @@ def default_config(dtype: torch.dtype, n: int, v: int, h: int) -> BlockConfig:
                            num_warps=1, num_stages=1)
     if dtype == torch.float64:  # fp64 registers are twice as wide
         return BlockConfig(block_n=32, block_v=64, block_h=32, num_warps=4, num_stages=2)
-    return BlockConfig()
+    if dtype == torch.float32:  # ieee fp32 dot runs on FMA units, with wide register layouts
+        return BlockConfig(block_n=64, block_v=64, block_h=32, num_warps=8, num_stages=2)
+    return BlockConfig(block_h=64 if kernel == "fwd" else 32)
 
 
 def autotune_enabled() -> bool:
@@ -75,8 +82,8 @@ def autotune_enabled() -> bool:
 
 
 def _autotune_configs():
-    shapes = [(64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3), (128, 64, 64, 4, 4),
-              (64, 128, 32, 4, 4), (32, 128, 64, 4, 3)]
+    shapes = [(64, 128, 64, 8, 3), (64, 128, 32, 8, 3), (128, 128, 32, 8, 3), (64, 256, 32, 8, 3),
+              (128, 64, 64, 4, 4), (64, 64, 32, 8, 2), (32, 128, 64, 4, 3)]
     return [triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh}, num_warps=w, num_stages=s)
             for bn, bv, bh, w, s in shapes]
 
@@ -249,7 +256,7 @@ def _logprobs_bwd_kernel(
 
     # With p = e^{x − lse} and H the entropy of the row:
     #   ∂L/∂x_v = g_lp·[v = t] + p_v·(g_lse − g_lp − g_ent·(log p_v + H)) + g_zm/V
-    #   ∂L/∂z_v = ∂L/∂x_v / T · (1 − tanh²(z_v/softcap))      (the last factor only with a softcap)
+    #   ∂L/∂z_v = ∂L/∂x_v / T · (1 − tanh²(z_v/softcap))   (the last factor only with a softcap)
     # then grad_hidden[n] += Σ_v dZ[n, v]·W[v],  grad_weight[v] += Σ_n dZ[n, v]·h[n],
     #      grad_bias[v] += Σ_n dZ[n, v].
     target = tl.load(targets_ptr + rows, mask=row_mask, other=-1).to(tl.int32)
@@ -302,7 +309,8 @@ def _logprobs_bwd_kernel(
                               mask=col_mask[:, None] & k_mask[None, :])
 
 
-_fwd_autotuned = triton.autotune(configs=_autotune_configs(), key=["N_BUCKET", "H", "V"])(_logprobs_fwd_kernel)
+_fwd_autotuned = triton.autotune(configs=_autotune_configs(), key=["N_BUCKET", "H", "V"])(
+    _logprobs_fwd_kernel)
 _bwd_autotuned = triton.autotune(
     configs=_autotune_configs(), key=["N_BUCKET", "H", "V"],
     # the kernel accumulates with atomics: every benchmarked run must start from zeros
@@ -347,7 +355,8 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         return stats
     targets = targets.contiguous()
     bias_arg = bias.contiguous() if bias is not None else lse  # a valid pointer that is never read
-    args = (hidden, weight, bias_arg, targets, logprob, lse, entropy, zmean, *_common_args(hidden, weight, opts))
+    args = (hidden, weight, bias_arg, targets, logprob, lse, entropy, zmean,
+            *_common_args(hidden, weight, opts))
     flags = dict(HAS_BIAS=bias is not None, SOFTCAP=opts.softcap is not None, WITH_ENTROPY=opts.with_entropy,
                  WITH_ZMEAN=opts.with_zmean, **_flags(hidden))
     if config is None and autotune_enabled():
@@ -399,7 +408,7 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                 row_vector(g_lp), row_vector(g_lse),
                 g_ent.contiguous() if g_ent is not None else lse_c,
                 g_zm.contiguous() if g_zm is not None else lse_c,
-                gh if gh is not None else lse_c, gw if gw is not None else lse_c, gb if gb is not None else lse_c,
+                *(g if g is not None else lse_c for g in (gh, gw, gb)),
                 *_common_args(hidden, weight, opts))
         flags = dict(HAS_BIAS=bias is not None, SOFTCAP=opts.softcap is not None, G_ENTROPY=g_ent is not None,
                      G_ZMEAN=g_zm is not None, NEED_DH=bool(need_h), NEED_DW=bool(need_w), NEED_DB=need_b,
@@ -408,7 +417,7 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             _bwd_autotuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(v, meta["BLOCK_V"]),)](
                 *args, **flags, GROUP_N=8)
         else:
-            cfg = config or default_config(hidden.dtype, n, v, h)
+            cfg = config or default_config(hidden.dtype, n, v, h, "bwd")
             grid = (triton.cdiv(n, cfg.block_n) * triton.cdiv(v, cfg.block_v),)
             _logprobs_bwd_kernel[grid](*args, **flags, GROUP_N=cfg.group_n, BLOCK_N=cfg.block_n,
                                        BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
@@ -417,3 +426,33 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return (None if gh is None else gh.to(hidden.dtype),
             None if gw is None else gw.to(weight.dtype),
             None if gb is None else gb.to(bias.dtype))
+
+
+def forward_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     targets: torch.Tensor, opts: LogitOptions, upstream, needs, *, bounds=None,
+                     config: BlockConfig | None = None):
+    """(RowStats, (grad_hidden, grad_weight, grad_bias)) when the upstream gradient follows from
+    the statistics themselves (reduced losses), as `ChunkedLogProbs.forward_backward`.
+
+    `upstream(stats of rows [start, stop))` -> (g_logprob, g_entropy, g_lse, g_zmean) is called once
+    per range of `bounds` (default: one range, all rows), in order. Here that is the forward kernel,
+    `upstream` on its [N] outputs, then the backward kernel: 4 vocab projections, no logits buffer.
+    """
+    stats = forward(hidden, weight, bias, targets, opts, config)
+    n = hidden.shape[0]
+    ranges = list(bounds) if bounds is not None else ([(0, n)] if n else [])
+    pieces = [upstream(RowStats(*(None if s is None else s[start:stop] for s in stats)))
+              for start, stop in ranges]
+    dtype = stats.lse.dtype
+    grads = []
+    for i in range(4):
+        if all(p[i] is None for p in pieces):
+            grads.append(None)
+            continue
+        g = torch.zeros(n, dtype=dtype, device=hidden.device)
+        for (start, stop), p in zip(ranges, pieces):
+            if p[i] is not None:
+                g[start:stop] = torch.as_tensor(p[i], dtype=dtype, device=hidden.device)
+        grads.append(g)
+    return stats, backward(hidden, weight, bias, targets, stats.lse, stats.entropy, grads, opts, needs,
+                           config)
