@@ -16,7 +16,8 @@ The base does everything else:
   ∂loss/∂logprob (and ∂loss/∂entropy) by autograd on [b, T]-sized tensors; two more
   projections push it into grad_hidden and grad_weight. **3 projections**, the gradient
   computed in the forward and only scaled in the backward (as `linear_cross_entropy` does);
-- otherwise (`triton`, `reference`, a unit longer than a chunk, or no gradient wanted):
+- otherwise (`triton`, `reference`, a unit longer than an explicit `chunk_size`, or no gradient
+  wanted):
   `logprob_stats` with autograd (1 projection forward, 3 backward) and the formula on the
   whole batch: **4 projections** with a gradient, 1 without.
 
@@ -232,7 +233,8 @@ class _FusedPass:
 
     @classmethod
     def plan(cls, unit, formula, whole: SequenceBatch, opts: LogitOptions, vocab, dtype) -> "_FusedPass | None":
-        """Chunks of whole units of at most `chunk_rows` tokens; None if some unit is longer."""
+        """Chunks of whole units of at most `chunk_rows` tokens (the byte budget's rows, grown to the
+        longest unit); None if an explicit `chunk_size` is shorter than some unit."""
         step = opts.chunk_rows(vocab, compute_dtype(dtype))
         mask = whole.mask
         n_rows, seq_len = mask.shape
@@ -245,6 +247,10 @@ class _FusedPass:
 
         counts = mask.sum(-1).tolist()
         units = [(i, n_rows // 2 + i) for i in range(n_rows // 2)] if unit == "pair" else [(i,) for i in range(n_rows)]
+        if opts.chunk_size is None:
+            # The byte budget grows to the longest unit (memory O(longest pair·V), as per-sequence
+            # chunking has) rather than giving up the 3-projection path; an explicit chunk_size is kept.
+            step = max([step] + [sum(counts[r] for r in u) for u in units])
         chunks, current, size = [], [], 0
         for u in units:
             length = sum(counts[r] for r in u)
