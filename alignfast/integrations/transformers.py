@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 import types
 from dataclasses import dataclass
 from typing import Any
@@ -76,7 +77,8 @@ def output_head(model: nn.Module) -> OutputHead:
     if (hasattr(head, "lora_A") and len(head.lora_A) and not getattr(head, "merged", False)
             and not getattr(head, "disable_adapters", False)):
         raise NotImplementedError(f"the lm_head of {type(model).__name__} carries a LoRA adapter "
-                                  f"({type(head).__name__}); merge it or leave the lm_head out of target_modules")
+                                  f"({type(head).__name__}); merge it or leave the lm_head out of "
+                                  f"target_modules")
     weight = getattr(head, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise NotImplementedError(f"unsupported output head {type(head).__name__}: expected a Linear-like "
@@ -131,7 +133,8 @@ def causal_lm_loss(hidden: torch.Tensor, head: OutputHead, labels: torch.Tensor 
     hidden = hidden.to(weight.device)
     if hidden.shape[:-1] != shift_labels.shape:
         raise ValueError(f"hidden states {tuple(hidden.shape)} do not match the (shifted) labels "
-                         f"{tuple(shift_labels.shape)}; with logits_to_keep, labels must cover the kept positions")
+                         f"{tuple(shift_labels.shape)}; with logits_to_keep, labels must cover the kept "
+                         f"positions")
     bias = head.bias
     if head.scale != 1.0:
         hidden = hidden * head.scale
@@ -283,14 +286,15 @@ def _slice_to_keep(hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:
 
 def _router_aux_loss(model, out, attention_mask):
     """The MoE load-balancing loss, from the model's own module (`load_balancing_loss_func`)."""
-    import sys
-
     fn = getattr(sys.modules[type(model).__module__], "load_balancing_loss_func", None)
     router_logits = getattr(out, "router_logits", None)
-    if fn is None or router_logits is None:
-        raise NotImplementedError(f"alignfast.apply: router aux loss of {type(model).__name__} is not supported; "
-                                  f"set output_router_logits=False")
-    return fn(router_logits, model.num_experts, model.num_experts_per_tok, attention_mask)
+    text = model.config.get_text_config()
+    experts = getattr(model, "num_experts", None) or getattr(text, "num_local_experts", None)
+    top_k = getattr(model, "num_experts_per_tok", None) or getattr(text, "num_experts_per_tok", None)
+    if fn is None or router_logits is None or experts is None or top_k is None:
+        raise NotImplementedError(f"alignfast: the router aux loss of {type(model).__name__} is not "
+                                  f"supported; set output_router_logits=False")
+    return fn(router_logits, experts, top_k, attention_mask)
 
 
 def _causal_lm_output(out, loss, aux_loss):

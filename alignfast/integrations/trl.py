@@ -53,7 +53,8 @@ def use_alignfast(trainer: SFTTrainer, **options) -> SFTTrainer:
         raise ValueError(f"unknown options {sorted(unknown)}; choose from {list(_OPTIONS)}")
     major = int(trl.__version__.split(".")[0])
     if major != 1:
-        raise RuntimeError(f"alignfast.integrations.trl supports TRL {SUPPORTED_TRL}, found {trl.__version__}")
+        raise RuntimeError(f"alignfast.integrations.trl supports TRL {SUPPORTED_TRL}, "
+                           f"found {trl.__version__}")
     model = unwrap(trainer.model)
     previous = model.__dict__.get("forward")
     if previous is None:
@@ -92,8 +93,8 @@ def _fused_lm_head_forward(self, *args, fused_lm_head=False, labels=None, shift_
     """TRL's `fused_lm_head=True` contract (`FusedCausalLMOutput`), computed by alignfast."""
     previous = self.__dict__[_STATE]
     if not fused_lm_head:
-        return previous(*args, labels=labels, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch,
-                        fused_lm_head=False, **kwargs)
+        return previous(*args, labels=labels, shift_labels=shift_labels,
+                        num_items_in_batch=num_items_in_batch, fused_lm_head=False, **kwargs)
     if args:
         raise TypeError("alignfast: pass the model's inputs by keyword with fused_lm_head=True")
     from trl.trainer.utils import FusedCausalLMOutput
@@ -119,8 +120,8 @@ def _fused_lm_head_forward(self, *args, fused_lm_head=False, labels=None, shift_
                          return_entropy=True, **self._alignfast_trl_options)
     log_probs = lp.logprobs.masked_fill(~mask, 0.0)
     entropy = lp.entropy.masked_fill(~mask, 0.0)
-    is_top1 = _is_top1(hidden.detach(), weight.detach(), None if bias is None else bias.detach(), labels, mask,
-                       head.softcap)
+    detached_bias = None if bias is None else bias.detach()
+    is_top1 = _is_top1(hidden.detach(), weight.detach(), detached_bias, labels, mask)
     loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
     aux_loss = None
     if kwargs.get("output_router_logits"):
@@ -131,12 +132,11 @@ def _fused_lm_head_forward(self, *args, fused_lm_head=False, labels=None, shift_
 
 
 @torch.no_grad()
-def _is_top1(hidden, weight, bias, labels, mask, softcap):
+def _is_top1(hidden, weight, bias, labels, mask):
     """Whether the label is the (first) argmax of the logits, at the trainable positions; blocks of rows.
 
-    softcap·tanh(z/softcap) is monotonic, so the argmax of z is the argmax of the capped logits.
+    softcap·tanh(z/softcap) is monotonic, so the argmax of z (no softcap needed) is that of the logits.
     """
-    del softcap
     is_top1 = torch.zeros_like(mask)
     rows = mask.nonzero(as_tuple=True)
     flat_h, flat_t = hidden[rows], labels[rows]

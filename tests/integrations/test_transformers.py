@@ -31,7 +31,8 @@ ARCHS = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16)),
     "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(head_dim=16)),
     "gemma2-softcap": ("Gemma2Config", "Gemma2ForCausalLM", dict(head_dim=16, final_logit_softcapping=0.7)),
-    "gemma3-softcap": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(head_dim=16, final_logit_softcapping=0.7)),
+    "gemma3-softcap": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+                       dict(head_dim=16, final_logit_softcapping=0.7)),
     "phi": ("PhiConfig", "PhiForCausalLM", {}),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=H, n_layer=1, n_head=2, n_positions=64,
@@ -105,9 +106,9 @@ def test_loss_and_grads_match_the_models_own(name):
     assert_close(again.loss, ref[0].loss, rtol=0, atol=0, name="after revert")
 
 
-@pytest.mark.parametrize("name, softcap, scale", [("gemma2-softcap", 0.7, 1.0), ("gemma3-softcap", 0.7, 1.0),
-                                                  ("cohere-scale", None, 1.7), ("granite-scale", None, 1 / 0.6),
-                                                  ("llama", None, 1.0)])
+@pytest.mark.parametrize("name, softcap, scale", [
+    ("gemma2-softcap", 0.7, 1.0), ("gemma3-softcap", 0.7, 1.0), ("cohere-scale", None, 1.7),
+    ("granite-scale", None, 1 / 0.6), ("llama", None, 1.0)])
 def test_output_head_reads_the_quirks_table(name, softcap, scale):
     head = ait.output_head(tiny(name))
     assert head.softcap == softcap and head.scale == pytest.approx(scale)

@@ -54,7 +54,8 @@ def loss_grads_metrics(trainer, batch, num_items_in_batch=None):
     loss = trainer.compute_loss(model, copy.copy(batch), num_items_in_batch=num_items_in_batch)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items() if k in ("entropy", "mean_token_accuracy")}
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()
+               if k in ("entropy", "mean_token_accuracy")}
     return loss.detach(), grads, metrics
 
 
@@ -91,7 +92,8 @@ def test_subclass_trains_and_revert_restores_trls_head(tmp_path):
     atrl.revert(trainer)
     assert trainer.model.__dict__["forward"] is trl_forward
 
-    sub = atrl.AlignfastSFTTrainer(model=trainer.model, args=trainer.args, train_dataset=trainer.train_dataset,
+    sub = atrl.AlignfastSFTTrainer(model=trainer.model, args=trainer.args,
+                                   train_dataset=trainer.train_dataset,
                                    processing_class=trainer.processing_class,
                                    alignfast_options={"backend": "chunked"})
     result = sub.train()
