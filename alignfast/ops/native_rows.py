@@ -41,12 +41,13 @@ def _register_fakes() -> None:
         return None
 
 
-if available():
+_AVAILABLE = available()  # once, at import: the wrappers below are traced by torch.compile
+if _AVAILABLE:
     _register_fakes()
 
 
 def _require() -> None:
-    if not available():
+    if not _AVAILABLE:
         raise RuntimeError("alignfast._C is not built (or failed to load), so the native row kernels of the "
                            "'cpp'/'cuda' backends are unavailable; rebuild with `pip install --no-build-isolation "
                            "-e .` or use backend='chunked'")

@@ -1,0 +1,44 @@
+// Registers the CUDA row kernels (row_kernels.cu) for the `alignfast` operators declared in
+// ../alignfast.cpp. Compiled only in CUDA builds (setup.py globs csrc/cuda/*.cpp then).
+// The checks are those of the CPU registration (../row_ops.h); the launch runs on torch's
+// current stream of z's device.
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../row_ops.h"
+#include "row_kernels.cuh"
+
+namespace alignfast {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprob_rows_stats_cuda_op(
+    const at::Tensor& z, const at::Tensor& targets, double temperature, std::optional<double> softcap,
+    bool with_entropy, bool with_zmean) {
+  const c10::cuda::OptionalCUDAGuard guard(z.device());
+  return rows_stats(z, targets, temperature, softcap, with_entropy, with_zmean, c10::DeviceType::CUDA,
+                    [](const auto& p) {
+                      C10_CUDA_CHECK(logprob_rows_stats_cuda(p, c10::cuda::getCurrentCUDAStream().stream()));
+                    });
+}
+
+void logprob_rows_grad_cuda_op(at::Tensor z, const at::Tensor& targets, const at::Tensor& lse,
+                               const std::optional<at::Tensor>& entropy, const std::optional<at::Tensor>& g_logprob,
+                               const std::optional<at::Tensor>& g_entropy, const std::optional<at::Tensor>& g_lse,
+                               const std::optional<at::Tensor>& g_zmean, double temperature,
+                               std::optional<double> softcap) {
+  const c10::cuda::OptionalCUDAGuard guard(z.device());
+  rows_grad_(z, targets, lse, entropy, g_logprob, g_entropy, g_lse, g_zmean, temperature, softcap,
+             c10::DeviceType::CUDA, [](const auto& p) {
+               C10_CUDA_CHECK(logprob_rows_grad_cuda(p, c10::cuda::getCurrentCUDAStream().stream()));
+             });
+}
+
+}  // namespace
+}  // namespace alignfast
+
+TORCH_LIBRARY_IMPL(alignfast, CUDA, m) {
+  m.impl("logprob_rows_stats", &alignfast::logprob_rows_stats_cuda_op);
+  m.impl("logprob_rows_grad_", &alignfast::logprob_rows_grad_cuda_op);
+}
