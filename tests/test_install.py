@@ -35,7 +35,11 @@ def test_regular_install_without_native_build(tmp_path):
     assert (target / "alignfast" / "kernels" / "__init__.py").exists()
     assert not (target / "kernels").exists()
     env = dict(os.environ, PYTHONPATH=str(target))
-    res = run_outside_repo(tmp_path, CHECK + "; import alignfast, torch; "
+    # This venv also holds the editable install, whose import hook would find the repo's built
+    # alignfast._C; drop that hook so only the fresh install is seen.
+    no_editable = ("import sys; sys.meta_path = [f for f in sys.meta_path "
+                   "if '__editable__' not in getattr(f, '__module__', '')]; ")
+    res = run_outside_repo(tmp_path, no_editable + CHECK + "; import alignfast, torch; "
                            "assert alignfast.__file__.startswith(%r); "
                            "print(alignfast.linear_logprobs(torch.randn(3, 4), torch.randn(7, 4), "
                            "torch.tensor([1, 2, 3])).logprobs)" % str(target), env=env)
