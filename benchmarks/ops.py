@@ -1,0 +1,75 @@
+"""The ops under benchmark. Adding an op is one `OpSpec` entry in `OPS`.
+
+An op maps an input dict (from `make_inputs`) to either a per-token tensor [N] (backward with a
+random upstream gradient: `(out * upstream).sum().backward()`) or a scalar loss (`.backward()`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+import alignfast
+from benchmarks import third_party
+
+
+@dataclass
+class Inputs:
+    args: dict                # keyword arguments of every implementation of the op
+    upstream: torch.Tensor    # [N] fp32 gradient for per-token outputs
+    params: list              # the tensors gradients are computed for
+
+    def reset_grads(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+
+def head_inputs(n: int, h: int, v: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> Inputs:
+    """hidden [N, H], weight [V, H] (both requiring grad), targets [N] in [0, V), upstream [N] fp32."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    weight = (torch.randn(v, h, generator=g) / h**0.5).to(device=device, dtype=dtype).requires_grad_()
+    targets = torch.randint(0, v, (n,), generator=g).to(device)
+    upstream = torch.randn(n, generator=g).to(device)
+    return Inputs({"hidden": hidden, "weight": weight, "targets": targets}, upstream, [hidden, weight])
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    naive: Callable[..., torch.Tensor]   # PyTorch eager on materialised logits
+    fused: Callable[..., torch.Tensor]   # alignfast, with a `backend=` keyword
+    floor_matmuls: int                   # [N, H] x [H, V]-sized products that fwd+bwd needs
+    make_inputs: Callable[..., Inputs] = head_inputs
+    third_party: Mapping[str, Callable[..., torch.Tensor]] = field(default_factory=dict)
+
+
+def naive_logprobs(hidden, weight, targets):
+    logits = (hidden @ weight.t()).float()
+    return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+def naive_cross_entropy(hidden, weight, targets):
+    return F.cross_entropy((hidden @ weight.t()).float(), targets)
+
+
+OPS: dict[str, OpSpec] = {
+    # forward logits, then (recompute logits,) grad_hidden, grad_weight for any upstream gradient
+    "linear_logprobs": OpSpec(
+        naive=naive_logprobs,
+        fused=lambda hidden, weight, targets, backend: alignfast.linear_logprobs(
+            hidden, weight, targets, backend=backend).logprobs,
+        floor_matmuls=4,
+        third_party={"trl": third_party.trl_logprobs, "cce": third_party.cce_logprobs},
+    ),
+    # logits, then grad_hidden and grad_weight (the gradient can be formed in the forward)
+    "linear_cross_entropy": OpSpec(
+        naive=naive_cross_entropy,
+        fused=lambda hidden, weight, targets, backend: alignfast.linear_cross_entropy(
+            hidden, weight, targets, backend=backend),
+        floor_matmuls=3,
+        third_party={"liger": third_party.liger_cross_entropy, "trl": third_party.trl_cross_entropy,
+                     "cce": third_party.cce_cross_entropy},
+    ),
+}

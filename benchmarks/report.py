@@ -1,0 +1,97 @@
+"""Result rows -> ratios against naive and floor of the same run, CSV, JSON, Markdown, PNG plots."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from pytest_benchmark.stats import Stats
+
+COLUMNS = [
+    "suite", "op", "impl", "n", "h", "v", "dtype", "status", "reason",
+    "time_median_s", "time_iqr_s", "rounds", "time_vs_naive", "time_vs_floor",
+    "extra_peak_bytes", "mem_vs_naive", "peak_bytes", "baseline_bytes", "produced_bytes", "workspace_bytes",
+    "mem_method", "timer", "device_type", "device", "cores", "torch_threads", "torch", "cuda", "triton",
+    "alignfast", "liger_kernel", "trl", "git_commit", "chunk_bytes_env", "timestamp",
+]
+
+
+def timing(times: list[float]) -> dict:
+    stats = Stats()
+    for t in times:
+        stats.update(t)
+    return {"time_median_s": stats.median, "time_iqr_s": stats.iqr, "rounds": len(times)}
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b not in (None, 0) else None
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """time/naive, time/floor, memory/naive: against the rows of the same op, shape and dtype."""
+    def key(r):
+        return r["op"], r["n"], r["h"], r["v"], r["dtype"]
+    base = {(key(r), r["impl"]): r for r in rows if r["status"] == "ok"}
+    for r in rows:
+        naive, floor = base.get((key(r), "naive"), {}), base.get((key(r), "floor"), {})
+        ok = r["status"] == "ok"
+        r["time_vs_naive"] = _ratio(r.get("time_median_s"), naive.get("time_median_s")) if ok else None
+        r["time_vs_floor"] = _ratio(r.get("time_median_s"), floor.get("time_median_s")) if ok else None
+        r["mem_vs_naive"] = _ratio(r.get("extra_peak_bytes"), naive.get("extra_peak_bytes")) if ok else None
+
+
+def write_all(rows: list[dict], out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [{c: r.get(c) for c in COLUMNS} for r in rows]
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    (out / "summary.md").write_text(markdown(rows))
+    from benchmarks.plots import plot_all
+    return [out / "results.csv", out / "results.json", out / "summary.md", *plot_all(rows, out)]
+
+
+def _fmt_time(s):
+    return "" if s is None else f"{s * 1e3:.3g} ms" if s < 1 else f"{s:.3g} s"
+
+
+def _fmt_bytes(b):
+    if b is None:
+        return ""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(b) >= scale:
+            return f"{b / scale:.3g} {unit}"
+    return f"{b} B"
+
+
+def _fmt_ratio(x):
+    return "" if x is None else f"{x:.2f}x"
+
+
+def markdown(rows: list[dict]) -> str:
+    if not rows:
+        return "no results\n"
+    m = rows[0]
+    lines = [
+        f"# alignfast benchmarks: suite `{m['suite']}`", "",
+        f"{m['device']} ({m['device_type']}, {m['cores']} cores, {m['torch_threads']} torch threads); "
+        f"torch {m['torch']}, triton {m['triton'] or '-'}, alignfast {m['alignfast']}, commit {m['git_commit']}, "
+        f"{m['timestamp']}", "",
+        "Time: median (IQR) of fwd+bwd rounds. Extra peak memory: peak beyond inputs, outputs and gradients.",
+        "Ratios against `naive` and `floor` of this same run.", "",
+    ]
+    header = "| op | N | H | V | dtype | impl | time | IQR | rounds | time/naive | time/floor | extra peak mem | mem/naive |"
+    lines += [header, "|" + "---|" * (header.count("|") - 1)]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"| {r['op']} | {r['n']} | {r['h']} | {r['v']} | {r['dtype']} | {r['impl']} | "
+                         f"{r['status']}: {(r['reason'] or '').replace('|', '/')[:90]}" + " |" * 7)
+            continue
+        lines.append(
+            f"| {r['op']} | {r['n']} | {r['h']} | {r['v']} | {r['dtype']} | {r['impl']} | "
+            f"{_fmt_time(r['time_median_s'])} | {_fmt_time(r['time_iqr_s'])} | {r['rounds']} | "
+            f"{_fmt_ratio(r['time_vs_naive'])} | {_fmt_ratio(r['time_vs_floor'])} | "
+            f"{_fmt_bytes(r['extra_peak_bytes'])} | {_fmt_ratio(r['mem_vs_naive'])} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,129 @@
+"""Run a benchmark suite, each case in its own process, and write the report.
+
+    python -m benchmarks.run --suite cpu               # the issue's target shape (slow: ~15 min on 2 cores)
+    python -m benchmarks.run --quick                   # = --suite smoke: tiny shapes, every impl, < ~1 min
+    python -m benchmarks.run --suite gpu --dry-run     # list the cases and what would be skipped
+    python -m benchmarks.run --suite cpu --rounds 5 --only linear_logprobs --impl naive --impl chunked
+
+Writes results.csv, results.json, summary.md, time.png, memory.png to --out (default
+benchmarks/results/<suite>/), the pytest-benchmark JSON and log of each case under raw/.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks import impls, machine, measure, report
+from benchmarks.cases import SUITES, Case
+from benchmarks.ops import OPS
+
+HERE = Path(__file__).resolve().parent
+# in a case's process, allocations >= 1 MiB are mmap'ed and go back to the OS when freed, so the
+# resident set follows the live tensors (glibc's adaptive threshold would keep some freed blocks
+# resident and hide them from the next round's peak); tensors at benchmark shapes are far larger anyway
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**20)}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
+    p.add_argument("--suite", choices=sorted(SUITES), default="cpu")
+    p.add_argument("--quick", action="store_true", help="same as --suite smoke")
+    p.add_argument("--rounds", type=int, help="timed rounds per case (default: the suite's)")
+    p.add_argument("--warmup", type=int, help="untimed rounds per case, >= 1 (default: the suite's)")
+    p.add_argument("--only", action="append", default=[], help="keep cases whose id contains this (repeatable)")
+    p.add_argument("--impl", action="append", default=[], help="keep only this impl (repeatable)")
+    p.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/<suite>)")
+    p.add_argument("--timeout", type=int, help="seconds per case process (default: the suite's)")
+    p.add_argument("--budget", type=float, help="seconds for the whole run: later cases are skipped")
+    p.add_argument("--dry-run", action="store_true", help="list the cases and exit")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.suite = "smoke"
+    return args
+
+
+def static_skip(case: Case) -> str | None:
+    return impls.unavailable(case.impl, OPS[case.op], "cuda" if case.device == "cuda" else "cpu")
+
+
+def run_case(case: Case, args, suite, raw: Path) -> dict:
+    """Start `pytest benchmarks/test_bench.py` for this case alone; return its result dict."""
+    result_path, log_path = raw / f"{case.id}.result.json", raw / f"{case.id}.log"
+    result_path.unlink(missing_ok=True)
+    env = {**os.environ, measure.ENV_SUITE: suite.name, measure.ENV_CASE: case.id,
+           measure.ENV_RESULT: str(result_path),
+           measure.ENV_ROUNDS: str(args.rounds or suite.rounds), measure.ENV_WARMUP: str(args.warmup or suite.warmup)}
+    if case.device == "cpu":
+        env.update(MALLOC_ENV)
+    cmd = [sys.executable, "-m", "pytest", str(HERE / "test_bench.py"), "-q", "-p", "no:cacheprovider",
+           "-o", "addopts=", f"--benchmark-json={raw / (case.id + '.benchmark.json')}"]
+    try:
+        with open(log_path, "w") as log:
+            subprocess.run(cmd, cwd=machine.ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                           timeout=args.timeout or suite.timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        return {"status": "error", "reason": f"timed out after {args.timeout or suite.timeout_s} s"}
+    if not result_path.exists():
+        tail = log_path.read_text().strip().splitlines()[-1:] or ["no output"]
+        return {"status": "error", "reason": f"case process wrote no result ({tail[0][:200]}); see {log_path}"}
+    result = json.loads(result_path.read_text())
+    result.pop("traceback", None)
+    if result.get("times_s"):
+        result.update(report.timing(result.pop("times_s")))
+    return result
+
+
+def _progress(i: int, total: int, case: Case, row: dict, seconds: float) -> str:
+    if row["status"] != "ok":
+        what = f"{row['status']}: {row['reason']}"
+    else:
+        what = (f"{row['time_median_s'] * 1e3:.4g} ms median of {row['rounds']}, "
+                f"extra peak {row['extra_peak_bytes'] / 2**20:.4g} MiB")
+    return f"[{i}/{total}] {case.id}: {what} ({seconds:.0f} s)"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    suite = SUITES[args.suite]
+    cases = [c for c in suite.cases if (not args.only or any(s in c.id for s in args.only))
+             and (not args.impl or c.impl in args.impl)]
+    if args.dry_run:
+        print(f"suite {suite.name}: {len(cases)} cases, {args.rounds or suite.rounds} rounds, "
+              f"{args.warmup or suite.warmup} warmup")
+        for c in cases:
+            reason = static_skip(c)
+            print(f"  {c.id}" + (f"  (skipped: {reason})" if reason else ""))
+        return 0
+
+    out = args.out or HERE / "results" / suite.name
+    raw = out / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    info = {"suite": suite.name, "timestamp": datetime.datetime.now().isoformat(timespec="seconds"),
+            **machine.describe(cases[0].device if cases else "cpu")}
+    print(f"suite {suite.name}: {len(cases)} cases on {info['device']} ({info['cores']} cores), "
+          f"torch {info['torch']}, commit {info['git_commit']}", flush=True)
+    rows, began = [], time.perf_counter()
+    for i, case in enumerate(cases, 1):
+        start = time.perf_counter()
+        reason = static_skip(case)
+        if not reason and args.budget is not None and start - began > args.budget:
+            reason = f"time budget of {args.budget:.0f} s spent"
+        result = {"status": "skipped", "reason": reason} if reason else run_case(case, args, suite, raw)
+        rows.append({**info, **case.asdict(), **result})
+        print(_progress(i, len(cases), case, rows[-1], time.perf_counter() - start), flush=True)
+    report.add_ratios(rows)
+    paths = report.write_all(rows, out)
+    print()
+    print(report.markdown(rows))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 1 if any(r["status"] == "error" for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

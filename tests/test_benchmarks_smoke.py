@@ -1,0 +1,77 @@
+"""The benchmark runner end to end on the smoke suite's tiny shape: files, rows, columns, ratios,
+and the one memory claim that must hold there (chunked needs less extra memory than naive)."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+IMPLS = ("naive", "floor", "chunked", "cpp", "liger")   # the fast ones; torch_compile and trl take ~1 min more
+OPS = ("linear_logprobs", "linear_cross_entropy")
+COLUMNS = {"suite", "op", "impl", "n", "h", "v", "dtype", "status", "reason", "time_median_s", "time_iqr_s",
+           "rounds", "time_vs_naive", "time_vs_floor", "extra_peak_bytes", "mem_vs_naive", "peak_bytes",
+           "device", "cores", "torch", "triton", "alignfast", "git_commit"}
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench")
+    # 256 KiB blocks: chunked holds [16, 4096] fp32 at a time, naive the whole [256, 4096] logits (4 MiB)
+    env = {**os.environ, "ALIGNFAST_CHUNK_BYTES": str(256 * 2**10)}
+    cmd = [sys.executable, "-m", "benchmarks.run", "--quick", "--rounds", "2", "--out", str(out),
+           *(a for impl in IMPLS for a in ("--impl", impl))]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def _rows(out: Path) -> dict:
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert COLUMNS <= set(rows[0]), COLUMNS - set(rows[0])
+    return {(r["op"], r["impl"]): r for r in rows}
+
+
+@pytest.mark.slow
+def test_outputs_exist(smoke):
+    for name in ("results.csv", "results.json", "summary.md", "time.png", "memory.png"):
+        assert (smoke / name).stat().st_size > 0, name
+    for name in ("time.png", "memory.png"):
+        assert (smoke / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = _rows(smoke)
+    assert set(rows) == {(op, impl) for op in OPS for impl in IMPLS}
+    assert len(json.loads((smoke / "results.json").read_text())) == len(rows)
+    summary = (smoke / "summary.md").read_text()
+    assert "time/naive" in summary and "mem/naive" in summary
+    assert sum(line.startswith("| linear_") for line in summary.splitlines()) == len(rows)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op", OPS)
+def test_rows_and_ratios(smoke, op):
+    rows = _rows(smoke)
+    for impl in ("naive", "floor", "chunked"):
+        r = rows[op, impl]
+        assert r["status"] == "ok", r["reason"]
+        assert (int(r["n"]), int(r["h"]), int(r["v"]), r["dtype"]) == (256, 64, 4096, "fp32")
+        assert float(r["time_median_s"]) > 0 and int(r["rounds"]) == 2
+    assert float(rows[op, "naive"]["time_vs_naive"]) == 1.0
+    assert float(rows[op, "floor"]["time_vs_floor"]) == 1.0
+    assert rows[op, "cpp"]["status"] in ("ok", "skipped")
+    # every impl has its row; one that cannot run here says why (Liger is Triton: no CPU)
+    assert all(r["status"] == "ok" or r["reason"] for r in rows.values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op", OPS)
+def test_chunked_needs_less_memory_than_naive(smoke, op):
+    rows = _rows(smoke)
+    chunked, naive = int(rows[op, "chunked"]["extra_peak_bytes"]), int(rows[op, "naive"]["extra_peak_bytes"])
+    assert chunked < naive, (chunked, naive)
+    assert naive >= 4 * 2**20   # at least the [256, 4096] fp32 logits
