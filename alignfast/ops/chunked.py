@@ -21,10 +21,33 @@ from alignfast.ops.rowwise import RowStats
 Upstream = Callable[[RowStats], tuple]
 
 
-def logits_block(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Raw logits h·Wᵀ + b of a chunk of tokens, in the accumulation dtype."""
+def logits_block(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """Raw logits h·Wᵀ + b of a chunk of tokens, in the accumulation dtype; written into the first
+    rows of `out` (a reused [≥rows, V] buffer in that dtype, see `_BlockBuffer`) when given."""
+    cdtype = compute_dtype(hidden.dtype)
+    if out is not None and hidden.dtype == cdtype:
+        out = out[: hidden.shape[0]]
+        return (torch.mm(hidden, weight.t(), out=out) if bias is None
+                else torch.addmm(bias, hidden, weight.t(), out=out))
     z = torch.mm(hidden, weight.t()) if bias is None else torch.addmm(bias, hidden, weight.t())
-    return z.to(compute_dtype(hidden.dtype))
+    return z.to(cdtype) if out is None else out[: hidden.shape[0]].copy_(z)
+
+
+class _BlockBuffer:
+    """The [rows, V] logits buffer of one pass, reused by every chunk. A fresh block per chunk would
+    pay its page faults again each time on CPU (≈0.2 s of kernel time per 256 MiB block: as much as
+    the native row kernels' whole work on it), and briefly hold two blocks."""
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor):
+        self.vocab, self.dtype, self.device = weight.shape[0], compute_dtype(hidden.dtype), hidden.device
+        self.buf = None
+
+    def __call__(self, rows: int) -> torch.Tensor:
+        if self.buf is None or self.buf.shape[0] < rows:
+            self.buf = None
+            self.buf = torch.empty(rows, self.vocab, dtype=self.dtype, device=self.device)
+        return self.buf
 
 
 class ChunkedLogProbs:
@@ -37,9 +60,11 @@ class ChunkedLogProbs:
         n, cdtype = hidden.shape[0], compute_dtype(hidden.dtype)
         out = _empty_stats(n, opts, cdtype, hidden.device)
         step = opts.chunk_rows(weight.shape[0], cdtype)
+        block = _BlockBuffer(hidden, weight)
         for start in range(0, n, step):
             sl = slice(start, start + step)
-            _store(out, sl, self.rows.stats(logits_block(hidden[sl], weight, bias), targets[sl], opts))
+            z = logits_block(hidden[sl], weight, bias, out=block(min(step, n)))
+            _store(out, sl, self.rows.stats(z, targets[sl], opts))
         return out
 
     def backward(self, hidden, weight, bias, targets, lse, entropy, grads, opts: LogitOptions, needs):
@@ -47,9 +72,10 @@ class ChunkedLogProbs:
         (hidden, weight, bias) want a gradient."""
         acc = _GradAccumulator(hidden, weight, bias, needs)
         step = opts.chunk_rows(weight.shape[0], compute_dtype(hidden.dtype))
+        block = _BlockBuffer(hidden, weight)
         for start in range(0, hidden.shape[0], step):
             sl = slice(start, start + step)
-            z = logits_block(hidden[sl], weight, bias)
+            z = logits_block(hidden[sl], weight, bias, out=block(min(step, hidden.shape[0])))
             chunk_grads = [None if g is None else g[sl] for g in grads]
             ent = None if entropy is None else entropy[sl]
             acc.add(sl, self.rows.grad_(z, targets[sl], lse[sl], ent, *chunk_grads, opts))
@@ -68,9 +94,11 @@ class ChunkedLogProbs:
         acc = _GradAccumulator(hidden, weight, bias, needs)
         step = opts.chunk_rows(weight.shape[0], cdtype)
         ranges = ((s, s + step) for s in range(0, n, step)) if bounds is None else bounds
+        block = _BlockBuffer(hidden, weight)
         for start, stop in ranges:
             sl = slice(start, stop)
-            st, dz = self._stats_grad_(logits_block(hidden[sl], weight, bias), targets[sl], opts, upstream)
+            z = logits_block(hidden[sl], weight, bias, out=block(min(stop, n) - start))
+            st, dz = self._stats_grad_(z, targets[sl], opts, upstream)
             _store(out, sl, st)
             acc.add(sl, dz)
         return out, acc.result()
