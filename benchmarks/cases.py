@@ -19,7 +19,7 @@ class Case:
     h: int
     v: int
     dtype: str
-    device: str   # "cpu" or "cuda"
+    device_type: str   # "cpu" or "cuda"
 
     @property
     def id(self) -> str:

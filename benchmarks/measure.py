@@ -56,7 +56,7 @@ def prepare(case: Case, warmup: int) -> Prepared:
     Memory is never measured on a first call: lazy initialisation (BLAS and thread-pool buffers,
     imports inside other projects' backward) is not the method's memory.
     """
-    op, device = OPS[case.op], torch.device(case.device)
+    op, device = OPS[case.op], torch.device(case.device_type)
     reason = impls.unavailable(case.impl, op, device.type)
     if reason:
         return Prepared(None, {}, skipped=reason)

@@ -62,7 +62,7 @@ def _fmt_bytes(b):
         return ""
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(b) >= scale:
-            return f"{b / scale:.3g} {unit}"
+            return f"{b / scale:.4g} {unit}"
     return f"{b} B"
 
 

@@ -49,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def static_skip(case: Case) -> str | None:
-    return impls.unavailable(case.impl, OPS[case.op], "cuda" if case.device == "cuda" else "cpu")
+    return impls.unavailable(case.impl, OPS[case.op], case.device_type)
 
 
 def run_case(case: Case, args, suite, raw: Path) -> dict:
@@ -59,7 +59,7 @@ def run_case(case: Case, args, suite, raw: Path) -> dict:
     env = {**os.environ, measure.ENV_SUITE: suite.name, measure.ENV_CASE: case.id,
            measure.ENV_RESULT: str(result_path),
            measure.ENV_ROUNDS: str(args.rounds or suite.rounds), measure.ENV_WARMUP: str(args.warmup or suite.warmup)}
-    if case.device == "cpu":
+    if case.device_type == "cpu":
         env.update(MALLOC_ENV)
     cmd = [sys.executable, "-m", "pytest", str(HERE / "test_bench.py"), "-q", "-p", "no:cacheprovider",
            "-o", "addopts=", f"--benchmark-json={raw / (case.id + '.benchmark.json')}"]
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     raw = out / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     info = {"suite": suite.name, "timestamp": datetime.datetime.now().isoformat(timespec="seconds"),
-            **machine.describe(cases[0].device if cases else "cpu")}
+            **machine.describe(cases[0].device_type if cases else "cpu")}
     print(f"suite {suite.name}: {len(cases)} cases on {info['device']} ({info['cores']} cores), "
           f"torch {info['torch']}, commit {info['git_commit']}", flush=True)
     rows, began = [], time.perf_counter()

@@ -26,7 +26,7 @@ def test_case(case, benchmark):
         pytest.skip(prepared.skipped)
 
     step = prepared.step
-    if case.device == "cuda":
+    if case.device_type == "cuda":
         times, timer = measure.cuda_event_times(step, settings.rounds), "cuda_events"
     else:
         benchmark.pedantic(step.run, setup=step.reset, rounds=settings.rounds, warmup_rounds=0, iterations=1)
