@@ -54,6 +54,39 @@ def naive_cross_entropy(hidden, weight, targets):
     return F.cross_entropy((hidden @ weight.t()).float(), targets)
 
 
+def dpo_inputs(n: int, h: int, v: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> Inputs:
+    """DPO with a reference model: n tokens = 2·pairs sequences of `seq_len` (512, or n/4 when small),
+    chosen rows first; the reference's hidden states and head take no gradient."""
+    seq_len = 512 if n >= 2048 else max(n // 4, 1)
+    inputs = head_inputs(n, h, v, dtype, device, seed)
+    g = torch.Generator(device="cpu").manual_seed(seed + 1)
+    ref_hidden = torch.randn(n, h, generator=g).to(device=device, dtype=dtype)
+    ref_weight = (torch.randn(v, h, generator=g) / h**0.5).to(device=device, dtype=dtype)
+    inputs.args.update(ref_hidden=ref_hidden, ref_weight=ref_weight, seq_len=seq_len)
+    return inputs
+
+
+def naive_dpo(hidden, weight, targets, ref_hidden, ref_weight, seq_len, beta=0.1):
+    """Materialised logits for policy and reference, TRL-style sequence sums, sigmoid DPO."""
+    def sequence_logps(h, w):
+        logits = (h @ w.t()).float()
+        return logits.log_softmax(-1).gather(-1, targets[:, None]).view(-1, seq_len).sum(-1)
+
+    with torch.no_grad():
+        ref = sequence_logps(ref_hidden, ref_weight)
+    logratio = sequence_logps(hidden, weight) - ref
+    chosen, rejected = logratio.chunk(2)
+    return -F.logsigmoid(beta * (chosen - rejected)).mean()
+
+
+def fused_dpo(hidden, weight, targets, ref_hidden, ref_weight, seq_len, backend, beta=0.1):
+    h = hidden.shape[-1]
+    loss, _ = alignfast.losses.LinearDPOLoss(beta=beta, backend=backend)(
+        hidden.view(-1, seq_len, h), weight, targets.view(-1, seq_len),
+        ref_hidden=ref_hidden.view(-1, seq_len, h), ref_weight=ref_weight)
+    return loss
+
+
 OPS: dict[str, OpSpec] = {
     # forward logits, then (recompute logits,) grad_hidden, grad_weight for any upstream gradient
     "linear_logprobs": OpSpec(
@@ -72,4 +105,7 @@ OPS: dict[str, OpSpec] = {
         third_party={"liger": third_party.liger_cross_entropy, "trl": third_party.trl_cross_entropy,
                      "cce": third_party.cce_cross_entropy},
     ),
+    # policy: logits, grad_hidden, grad_weight (the gradient is known per pair in the forward);
+    # reference: logits only
+    "dpo": OpSpec(naive=naive_dpo, fused=fused_dpo, floor_matmuls=4, make_inputs=dpo_inputs),
 }
