@@ -19,7 +19,17 @@ def extension():
         if "No module named" not in str(err):
             warnings.warn(f"alignfast._C is present but failed to load ({err}); using Python backends")
         return None
+    _register_fakes()
     return _C
+
+
+def _register_fakes() -> None:
+    """Fake (meta) implementations of `_C`'s ops that no wrapper module owns, for torch.compile.
+    (The row kernels' fakes live beside their wrapper, alignfast/ops/native_rows.py.)"""
+    if hasattr(torch.ops.alignfast, "gae_scan"):
+        @torch.library.register_fake("alignfast::gae_scan")
+        def _gae_scan_fake(rewards, values, valid, gamma, lam):
+            return torch.empty_like(rewards), torch.empty_like(rewards)
 
 
 def has_kernels(device_type: str) -> bool:

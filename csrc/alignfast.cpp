@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "gae_ops.h"
 #include "row_ops.h"
 
 namespace alignfast {
@@ -30,6 +31,12 @@ void logprob_rows_grad_cpu_op(at::Tensor z, const at::Tensor& targets, const at:
              c10::DeviceType::CPU, [](const auto& p) { logprob_rows_grad_cpu(p); });
 }
 
+std::tuple<at::Tensor, at::Tensor> gae_scan_cpu_op(const at::Tensor& rewards, const at::Tensor& values,
+                                                   const at::Tensor& valid, double gamma, double lam) {
+  return gae_scan(rewards, values, valid, gamma, lam, c10::DeviceType::CPU,
+                  [](const auto& p) { gae_scan_cpu(p); });
+}
+
 }  // namespace
 }  // namespace alignfast
 
@@ -41,11 +48,15 @@ TORCH_LIBRARY(alignfast, m) {
         "bool with_zmean) -> (Tensor logprob, Tensor entropy, Tensor lse, Tensor zmean)");
   m.def("logprob_rows_grad_(Tensor(a!) z, Tensor targets, Tensor lse, Tensor? entropy, Tensor? g_logprob, "
         "Tensor? g_entropy, Tensor? g_lse, Tensor? g_zmean, float temperature, float? softcap) -> ()");
+  // GAE reverse scan over [B, T] rollouts (gae.h): (advantages, returns), 0 where valid is false.
+  m.def("gae_scan(Tensor rewards, Tensor values, Tensor valid, float gamma, float lam) "
+        "-> (Tensor advantages, Tensor returns)");
 }
 
 TORCH_LIBRARY_IMPL(alignfast, CPU, m) {
   m.impl("logprob_rows_stats", &alignfast::logprob_rows_stats_cpu_op);
   m.impl("logprob_rows_grad_", &alignfast::logprob_rows_grad_cpu_op);
+  m.impl("gae_scan", &alignfast::gae_scan_cpu_op);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -1,4 +1,4 @@
-// Registers the CUDA row kernels (row_kernels.cu) for the `alignfast` operators declared in
+// Registers the CUDA row kernels (row_kernels.cu) and the GAE scan (gae.cu) for the `alignfast` operators declared in
 // ../alignfast.cpp. Compiled only in CUDA builds (setup.py globs csrc/cuda/*.cpp then).
 // The checks are those of the CPU registration (../row_ops.h); the launch runs on torch's
 // current stream of z's device.
@@ -7,7 +7,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "../gae_ops.h"
 #include "../row_ops.h"
+#include "gae.cuh"
 #include "row_kernels.cuh"
 
 namespace alignfast {
@@ -35,10 +37,19 @@ void logprob_rows_grad_cuda_op(at::Tensor z, const at::Tensor& targets, const at
              });
 }
 
+std::tuple<at::Tensor, at::Tensor> gae_scan_cuda_op(const at::Tensor& rewards, const at::Tensor& values,
+                                                    const at::Tensor& valid, double gamma, double lam) {
+  const c10::cuda::OptionalCUDAGuard guard(rewards.device());
+  return gae_scan(rewards, values, valid, gamma, lam, c10::DeviceType::CUDA, [](const auto& p) {
+    C10_CUDA_CHECK(gae_scan_cuda(p, c10::cuda::getCurrentCUDAStream().stream()));
+  });
+}
+
 }  // namespace
 }  // namespace alignfast
 
 TORCH_LIBRARY_IMPL(alignfast, CUDA, m) {
   m.impl("logprob_rows_stats", &alignfast::logprob_rows_stats_cuda_op);
   m.impl("logprob_rows_grad_", &alignfast::logprob_rows_grad_cuda_op);
+  m.impl("gae_scan", &alignfast::gae_scan_cuda_op);
 }
