@@ -7,6 +7,9 @@
 // Only ATen's light parallel header is included: this file compiles in a few seconds.
 #include <ATen/Parallel.h>
 
+// 32-byte vector types also build without AVX (two SSE registers); they never cross an ABI boundary.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
