@@ -23,7 +23,7 @@ import torch
 from alignfast import dispatch
 from alignfast.losses._validation import check_choice, check_finite, check_floats, check_mask, compute_dtype
 
-GAE_BACKENDS = ("auto", "torch", "triton")
+GAE_BACKENDS = ("auto", "torch", "triton", "cpp", "cuda")
 
 
 def _gae_torch(rewards: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, gamma: float, lam: float,
@@ -44,14 +44,27 @@ def _gae_torch(rewards: torch.Tensor, values: torch.Tensor, valid: torch.Tensor,
     return advantages, returns
 
 
+def _has_native_scan(device: torch.device) -> bool:
+    from alignfast import _native
+
+    return (_native.extension() is not None and device.type in ("cpu", "cuda")
+            and torch._C._dispatch_has_kernel_for_dispatch_key("alignfast::gae_scan", device.type.upper()))
+
+
 def _resolve(backend: str, device: torch.device) -> str:
     check_choice("backend", backend, GAE_BACKENDS)
     triton_ok = "triton" in dispatch.backends(device)
+    native_ok = (backend in ("auto", "cpp", "cuda")) and _has_native_scan(device)
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_ok else "torch"
+        if device.type == "cuda" and triton_ok:
+            return "triton"
+        return "cpp" if native_ok else "torch"
     if backend == "triton" and not triton_ok:
         raise RuntimeError(f"backend='triton' is not available for {device.type} tensors here (Triton runs on "
                            "CUDA, or on CPU only with TRITON_INTERPRET=1); use backend='torch' or 'auto'")
+    if backend in ("cpp", "cuda") and (not native_ok or device.type != {"cpp": "cpu", "cuda": "cuda"}[backend]):
+        raise RuntimeError(f"backend={backend!r} is not available for {device.type} tensors here "
+                           "(alignfast._C's gae_scan is not built for it); use backend='torch' or 'auto'")
     return backend
 
 
@@ -65,8 +78,9 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
         mask: [B, T] bool/int/float, nonzero on the tokens that are actions (the response tokens).
         gamma: discount γ ∈ [0, 1].
         lam: GAE λ ∈ [0, 1].
-        backend: ``"auto"`` (the Triton kernel for CUDA tensors, the torch loop otherwise),
-            ``"torch"``, or ``"triton"`` (CUDA; CPU only under ``TRITON_INTERPRET=1``).
+        backend: ``"auto"`` (the Triton kernel for CUDA tensors; on CPU alignfast._C's scan when
+            built, else the torch loop), ``"torch"``, ``"triton"`` (CUDA; CPU only under
+            ``TRITON_INTERPRET=1``), ``"cpp"`` or ``"cuda"`` (alignfast._C's ``gae_scan``).
 
     Returns:
         (advantages [B, T], returns [B, T]), float32 (float64 for float64 inputs), 0 at masked
@@ -88,4 +102,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
             from alignfast.kernels.gae import gae_reverse_scan
 
             return gae_reverse_scan(rewards, values, valid, float(gamma), float(lam), dtype)
+        if resolved in ("cpp", "cuda"):
+            return torch.ops.alignfast.gae_scan(rewards.to(dtype).contiguous(), values.to(dtype).contiguous(),
+                                                valid.contiguous(), float(gamma), float(lam))
         return _gae_torch(rewards, values, valid, float(gamma), float(lam), dtype)

@@ -11,9 +11,11 @@ from helpers import assert_close  # noqa: E402
 
 from alignfast import dispatch  # noqa: E402
 from alignfast.losses import gae  # noqa: E402
+from alignfast.losses.gae import _has_native_scan  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BACKENDS = ["torch"] + (["triton"] if "triton" in dispatch.backends(DEVICE) else [])
+BACKENDS = (["torch"] + (["triton"] if "triton" in dispatch.backends(DEVICE) else [])
+            + ([{"cpu": "cpp", "cuda": "cuda"}[DEVICE]] if _has_native_scan(torch.device(DEVICE)) else []))
 
 
 def reference(rewards, values, mask, gamma, lam):
@@ -101,10 +103,11 @@ def test_no_gradient_flows():
     assert not adv.requires_grad and not ret.requires_grad
 
 
-def test_auto_is_torch_on_cpu():
-    from alignfast.losses.gae import _resolve
+def test_auto_on_cpu_is_the_native_scan_when_built():
+    from alignfast.losses.gae import _has_native_scan, _resolve
 
-    assert _resolve("auto", torch.device("cpu")) == "torch"
+    expected = "cpp" if _has_native_scan(torch.device("cpu")) else "torch"
+    assert _resolve("auto", torch.device("cpu")) == expected
 
 
 def test_validation():
@@ -119,5 +122,7 @@ def test_validation():
         gae(r, v, m, gamma=1.5)
     with pytest.raises(ValueError, match="lam"):
         gae(r, v, m, lam=-0.1)
-    with pytest.raises(ValueError, match="backend='cuda'.*'auto', 'torch', 'triton'"):
+    with pytest.raises(ValueError, match="backend='gpu'.*'auto', 'torch', 'triton'"):
+        gae(r, v, m, backend="gpu")
+    with pytest.raises(RuntimeError, match="backend='cuda' is not available for cpu tensors"):
         gae(r, v, m, backend="cuda")
