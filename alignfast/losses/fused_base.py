@@ -33,8 +33,8 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
+from alignfast.ops.gradient_in_forward import GradientInForward
 from alignfast.ops.logprobs import implementation, logprob_stats, make_options
 from alignfast.ops.options import LogitOptions, compute_dtype
 
@@ -323,26 +323,14 @@ class _FusedPass:
         return loss.detach().to(st.logprob.dtype)
 
 
-class _FusedPolicyLoss(torch.autograd.Function):
+class _FusedPolicyLoss(GradientInForward):
     """(compacted hidden [n, H], weight, bias, targets [n], opts, plan) -> the loss, its gradient
     computed in the forward by `forward_backward` over the plan's chunks, scaled in the backward."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, opts: LogitOptions, plan: _FusedPass):
-        needs = ctx.needs_input_grad[:3]
+        ctx.num_inputs = 6
         st, grads = implementation(opts.backend).forward_backward(
-            hidden, weight, bias, targets, opts, plan.upstream, needs, bounds=plan.bounds)
-        ctx.save_for_backward(*(g for g in grads if g is not None))
-        ctx.present = [g is not None for g in grads]
+            hidden, weight, bias, targets, opts, plan.upstream, ctx.needs_input_grad[:3], bounds=plan.bounds)
+        GradientInForward.save_gradients(ctx, grads)
         return plan.finish(st)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss):
-        saved = iter(ctx.saved_tensors)
-        grads = [None] * 3
-        for i, present in enumerate(ctx.present):
-            if present:
-                g = next(saved)
-                grads[i] = g * grad_loss.to(g.dtype)
-        return (*grads, None, None, None)

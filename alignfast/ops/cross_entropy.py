@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
+from alignfast.ops.gradient_in_forward import GradientInForward
 from alignfast.ops.logprobs import implementation, logprob_stats, make_options, reference_logits
 from alignfast.ops.options import LogitOptions
 
@@ -48,28 +48,16 @@ class CrossEntropyTerms:
         return g_logprob, None, g_lse, g_zmean
 
 
-class FusedLinearCrossEntropyFunction(torch.autograd.Function):
+class FusedLinearCrossEntropyFunction(GradientInForward):
     """Reduced cross-entropy whose gradient is computed in the forward and scaled in the backward."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, opts: LogitOptions, terms: CrossEntropyTerms):
-        needs = ctx.needs_input_grad[:3]
+        ctx.num_inputs = 6
         st, grads = implementation(opts.backend).forward_backward(
-            hidden, weight, bias, targets, opts, terms.upstream, needs)
-        ctx.save_for_backward(*(g for g in grads if g is not None))
-        ctx.present = [g is not None for g in grads]
+            hidden, weight, bias, targets, opts, terms.upstream, ctx.needs_input_grad[:3])
+        GradientInForward.save_gradients(ctx, grads)
         return terms.per_token(st.logprob, st.lse, st.zmean).sum() * terms.token_weight
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss):
-        saved = iter(ctx.saved_tensors)
-        grads = [None] * 3
-        for i, present in enumerate(ctx.present):
-            if present:
-                g = next(saved)
-                grads[i] = g * grad_loss.to(g.dtype)
-        return (*grads, None, None, None)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

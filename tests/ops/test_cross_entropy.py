@@ -113,3 +113,23 @@ def test_bad_arguments():
         alignfast.linear_cross_entropy(h, w, t, label_smoothing=1.5)
     with pytest.raises(ValueError, match="z_loss"):
         alignfast.linear_cross_entropy(h, w, t, z_loss=-1.0)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_gradient_from_the_forward_survives_retain_graph(scale):
+    """The backward hands over (or scales) gradients saved in the forward: a second backward through
+    the same graph must add the same gradient again, not a modified one."""
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(12, 8, generator=g, requires_grad=True)
+    weight = torch.randn(40, 8, generator=g, requires_grad=True)
+    targets = torch.randint(0, 40, (12,), generator=g)
+    loss = alignfast.linear_cross_entropy(hidden, weight, targets, backend="chunked") * scale
+    loss.backward(retain_graph=True)
+    first = hidden.grad.clone(), weight.grad.clone()
+    loss.backward()
+    assert_close(hidden.grad, 2 * first[0], rtol=1e-6)
+    assert_close(weight.grad, 2 * first[1], rtol=1e-6)
+    ref_h, ref_w = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    (F.cross_entropy(ref_h @ ref_w.t(), targets) * scale).backward()
+    assert_close(first[0], ref_h.grad, rtol=1e-5)
+    assert_close(first[1], ref_w.grad, rtol=1e-5)
