@@ -97,8 +97,19 @@ class Trainer:
     def save_model(self, path: str) -> None:
         """The final model in Hugging Face format (safetensors) with its tokenizer."""
         module = self.accelerator.unwrap_model(self.model)
-        module.causal_lm.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
+        state = self._full_state("causal_lm.")
+        if self.accelerator.is_main_process:
+            module.causal_lm.save_pretrained(path, state_dict=state)
+            self.tokenizer.save_pretrained(path)
+
+    def _full_state(self, prefix: str) -> dict | None:
+        """The full weights of the trained module under `prefix`, prefix stripped (gathered from the
+        shards under FSDP2: every process must call this); None when not sharded (save as is)."""
+        module = self.accelerator.unwrap_model(self.model)
+        if not ckpt.is_sharded(module):
+            return None
+        state = ckpt.full_model_state(module)
+        return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
     # ---- data ------------------------------------------------------------------------------------
     @property
@@ -252,8 +263,7 @@ class Trainer:
             last.update({f"eval_{k}": v for k, v in self._log_eval(log).items()})
             if last_saved != self.step:
                 self.save_checkpoint()
-            if acc.is_main_process:
-                self.save_model(cfg.output_dir)
+            self.save_model(cfg.output_dir)  # every process (gathers the shards under FSDP2), main writes
             acc.wait_for_everyone()
         finally:
             bar.close()

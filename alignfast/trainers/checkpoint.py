@@ -9,6 +9,10 @@
         config.json            the full config
         manifest.json          sha256 of every file above: a corrupted checkpoint is refused
 
+Under FSDP2 (parameters sharded as DTensors) the model and optimizer states are gathered into full
+state dicts (`torch.distributed.checkpoint.state_dict`, every process takes part) and written by the
+main process, so the files are the same whatever the sharding.
+
 A checkpoint is written into `.checkpoint-000040.tmp` and renamed into place when complete, so a
 process killed mid-write leaves the previous checkpoint intact and no half-written one.
 """
@@ -23,7 +27,7 @@ import shutil
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 STATE_FILE, MANIFEST, CONFIG_FILE = "trainer_state.json", "manifest.json", "config.json"
 NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -70,6 +74,30 @@ def _fsync(path: str) -> None:
         os.close(fd)
 
 
+def is_sharded(model) -> bool:
+    """Whether `model`'s parameters are FSDP2 shards (DTensors)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return False
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _full_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_model_state(model) -> dict:
+    """The full (unsharded) model state dict; under FSDP2 a collective, complete on the main process."""
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_full_options())
+
+
 def checkpoint_dirs(output_dir: str) -> list[tuple[int, str]]:
     """(step, path) of the complete checkpoints in output_dir, oldest first."""
     if not os.path.isdir(output_dir):
@@ -90,9 +118,19 @@ def save_checkpoint(accelerator, output_dir: str, step: int, *, model, optimizer
         os.makedirs(tmp)
     accelerator.wait_for_everyone()
     torch.save(rng_state(), os.path.join(tmp, f"rng_state_{accelerator.process_index}.pt"))
+    sharded = is_sharded(model)
+    if sharded:  # collectives: every process gathers
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        model_state = full_model_state(model)
+        optim_state = get_optimizer_state_dict(model, optimizer, options=_full_options())
     if main:
-        save_model(model, os.path.join(tmp, "model.safetensors"))
-        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        if sharded:
+            save_file({k: v.contiguous() for k, v in model_state.items()}, os.path.join(tmp, "model.safetensors"))
+            torch.save(optim_state, os.path.join(tmp, "optimizer.pt"))
+        else:
+            save_model(model, os.path.join(tmp, "model.safetensors"))
+            torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
         torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
         with open(os.path.join(tmp, STATE_FILE), "w") as f:
             json.dump({**state, "step": step, "num_processes": accelerator.num_processes}, f, indent=1)
@@ -160,8 +198,17 @@ def load_checkpoint(accelerator, path: str, *, model, optimizer, scheduler, conf
     if state.get("num_processes") != accelerator.num_processes:
         raise CheckpointError(f"checkpoint {path!r} was written by {state.get('num_processes')} process(es), "
                               f"this run has {accelerator.num_processes}: the data order would differ")
-    load_model(model, os.path.join(path, "model.safetensors"), strict=True)
-    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
+    optim_state = torch.load(os.path.join(path, "optimizer.pt"), weights_only=True)
+    if is_sharded(model):  # every process reads the full states and keeps its shards
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, load_file(os.path.join(path, "model.safetensors")), options=options)
+        set_optimizer_state_dict(model, optimizer, optim_state, options=options)
+    else:
+        load_model(model, os.path.join(path, "model.safetensors"), strict=True)
+        optimizer.load_state_dict(optim_state)
     scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=True))
     set_rng_state(torch.load(os.path.join(path, f"rng_state_{accelerator.process_index}.pt"), weights_only=True))
     return state

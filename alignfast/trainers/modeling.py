@@ -5,6 +5,7 @@ last hidden states [B, T, H]; the head's weight (and bias, softcap) goes to a fu
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 
@@ -76,6 +77,68 @@ def output_head(model: nn.Module) -> Head:
     config = getattr(model, "config", None)
     softcap = getattr(config, "final_logit_softcapping", None)
     return Head(lm_head.weight, getattr(lm_head, "bias", None), softcap)
+
+
+def _gather_dtensor(t: torch.Tensor) -> torch.Tensor:
+    """The full tensor of an FSDP2-sharded parameter (a DTensor), differentiable.
+
+    Forward: all-gather. Backward: each process holds the gradient of its own micro-batch's loss, so
+    the gradient is declared `Partial("sum")` and reduce-scattered back to the shards, then divided
+    by the number of processes: the same average FSDP2 (and DDP) apply to every other parameter."""
+    from torch.distributed.tensor import Partial
+
+    if not (torch.is_grad_enabled() and t.requires_grad):
+        return t.full_tensor()
+    full = t.full_tensor(grad_placements=[Partial("sum")] * t.device_mesh.ndim)
+    world = t.device_mesh.size()
+    if world > 1:
+        full.register_hook(lambda g: g / world)
+    return full
+
+
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+@contextlib.contextmanager
+def full_head(model: nn.Module):
+    """The output head of `model` (a `HiddenStatesModel`, possibly wrapped by DDP/FSDP/DeepSpeed) with
+    its *full* weight, for the duration of the block:
+
+        with full_head(model) as head:
+            loss = linear_cross_entropy(hidden, head.weight, targets, head.bias, softcap=head.softcap)
+
+    - plain / DDP: the parameter itself;
+    - FSDP2 (`fully_shard`, parameters are DTensors sharded on dim 0): gathered with
+      `full_tensor()`; the gradient is reduce-scattered back to the shards (see `_gather_dtensor`).
+      (FSDP2 keeps the root module's parameters unsharded between forward and backward; then the
+      weight is already a plain full tensor and is used as is.)
+    - DeepSpeed ZeRO-3 (parameters carry `ds_id` and hold an empty partition outside their
+      module's forward): gathered with `deepspeed.zero.GatheredParameters` for the block. The fused
+      losses compute the weight's gradient inside their forward (backends chunked/cpp/cuda), while
+      the weight is gathered; register the head as an external parameter of the wrapped module
+      (`deepspeed.zero.register_external_parameter`) so ZeRO-3 reduces its gradient. Not tested here
+      (deepspeed is not a dependency).
+    """
+    inner = model
+    while hasattr(inner, "module") and not isinstance(inner, HiddenStatesModel):  # DDP / DeepSpeed engine
+        inner = inner.module
+    head = inner.head() if isinstance(inner, HiddenStatesModel) else output_head(inner)
+    tensors = [t for t in (head.weight, head.bias) if t is not None]
+    if any(hasattr(t, "ds_id") for t in tensors):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(tensors, modifier_rank=None):
+            yield head
+        return
+    if any(_is_dtensor(t) for t in tensors):
+        head = Head(_gather_dtensor(head.weight), None if head.bias is None else _gather_dtensor(head.bias),
+                    head.softcap)
+    yield head
 
 
 class HiddenStatesModel(nn.Module):

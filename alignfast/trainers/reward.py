@@ -118,7 +118,9 @@ class RewardTrainer(Trainer):
                               "rewards/chosen": chosen.detach().sum(), "rewards/rejected": rejected.detach().sum()}
 
     def save_model(self, path: str) -> None:
-        self.accelerator.unwrap_model(self.model).seq_cls.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
+        state = self._full_state("seq_cls.")
+        if self.accelerator.is_main_process:
+            self.accelerator.unwrap_model(self.model).seq_cls.save_pretrained(path, state_dict=state)
+            self.tokenizer.save_pretrained(path)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from alignfast.ops import linear_logprobs
+from alignfast.trainers.modeling import full_head
 
 
 def shift(hidden: torch.Tensor, labels: torch.Tensor):
@@ -17,12 +18,7 @@ def shift(hidden: torch.Tensor, labels: torch.Tensor):
 def sequence_logps(model, input_ids, attention_mask, labels, *, backend="auto", chunk_size=None):
     """(Σ log π(y_t | x, y_<t) over the completion tokens [B] fp32, completion token counts [B])."""
     hidden, targets = shift(model(input_ids=input_ids, attention_mask=attention_mask), labels)
-    head = _head(model)
-    out = linear_logprobs(hidden, head.weight, targets, head.bias, softcap=head.softcap, backend=backend,
-                          chunk_size=chunk_size)
+    with full_head(model) as head:
+        out = linear_logprobs(hidden, head.weight, targets, head.bias, softcap=head.softcap, backend=backend,
+                              chunk_size=chunk_size)
     return out.logprobs.sum(-1), (targets != -100).sum(-1)
-
-
-def _head(model):
-    inner = getattr(model, "module", model)  # DDP
-    return inner.head()

@@ -11,7 +11,8 @@ from alignfast.data import SFTCollator
 from alignfast.ops import linear_cross_entropy
 from alignfast.trainers.base import Trainer
 from alignfast.trainers.config import TrainConfig, opt
-from alignfast.trainers.sequence import _head, shift
+from alignfast.trainers.modeling import full_head
+from alignfast.trainers.sequence import shift
 
 
 @dataclass
@@ -42,8 +43,8 @@ class SFTTrainer(Trainer):
     def compute_loss(self, model, batch):
         hidden, targets = shift(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]),
                                 batch["labels"])
-        head = _head(model)
-        loss = linear_cross_entropy(hidden, head.weight, targets, head.bias, reduction="sum",
-                                    softcap=head.softcap, label_smoothing=self.cfg.label_smoothing,
-                                    backend=self.cfg.backend, chunk_size=self.cfg.chunk_size)
+        with full_head(model) as head:
+            loss = linear_cross_entropy(hidden, head.weight, targets, head.bias, reduction="sum",
+                                        softcap=head.softcap, label_smoothing=self.cfg.label_smoothing,
+                                        backend=self.cfg.backend, chunk_size=self.cfg.chunk_size)
         return loss, {}

@@ -1,0 +1,72 @@
+"""2 processes on this CPU (torchrun, gloo) train on the same global batch as 1 process: same losses,
+same weights. DDP for SFT and DPO; FSDP2 (fully_shard, with the lm_head sharded, so the fused loss
+must gather it) for DPO."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+STEPS = 2
+
+
+def _rows(path):
+    return [r for r in map(json.loads, open(path)) if r["split"] == "train"]
+
+
+def _torchrun(model_dir, out, *extra):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [os.path.dirname(os.path.dirname(HERE)), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(HERE, "distributed_driver.py"), model_dir, str(out), "--batch", "8", "--steps", str(STEPS),
+           *extra]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_model_dir, tmp_path_factory):
+    """The reference: 1 process, per-device batch 16 = the 2-process global batch."""
+    import distributed_driver as driver
+
+    out = tmp_path_factory.mktemp("one")
+    args = driver.parse_args([tiny_model_dir, str(out), "--batch", "16", "--steps", str(STEPS)])
+    driver.run(args, driver.make_accelerator(args))
+    return out
+
+
+def _assert_same_run(out, ref, stage):
+    a, b = _rows(out / stage / "metrics.jsonl"), _rows(ref / stage / "metrics.jsonl")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, STEPS + 1))
+    for ra, rb in zip(a, b):
+        for key in ("loss", "grad_norm") + (("rewards/margins", "rewards/accuracies") if stage == "dpo" else ()):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-6), (stage, ra["step"], key)
+    wa, wb = load_file(out / stage / "model.safetensors"), load_file(ref / stage / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=2e-5, msg=k)
+    before = load_file(os.path.join(os.environ["ALIGNFAST_TINY_MODEL"], "model.safetensors"))
+    assert any(not torch.equal(wa[k], before[k]) for k in wa), "the weights did not change"
+
+
+@pytest.fixture(autouse=True)
+def _model_env(tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("ALIGNFAST_TINY_MODEL", tiny_model_dir)
+
+
+def test_ddp_two_processes_equal_one(tiny_model_dir, tmp_path, one_process):
+    _torchrun(tiny_model_dir, tmp_path)
+    for stage in ("sft", "dpo"):
+        _assert_same_run(tmp_path, one_process, stage)
+
+
+def test_fsdp2_two_processes_dpo_gathers_the_sharded_head(tiny_model_dir, tmp_path, one_process):
+    _torchrun(tiny_model_dir, tmp_path, "--fsdp", "--shard-head", "--stages", "dpo")
+    info = json.load(open(tmp_path / "dpo" / "gathers.json"))
+    assert info["fsdp"], "the model was not wrapped by FSDP2"
+    assert info["gathers"] == STEPS, info  # one explicit lm_head gather per policy forward
+    _assert_same_run(tmp_path, one_process, "dpo")
