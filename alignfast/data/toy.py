@@ -3,6 +3,10 @@
     sft_records(n)         {"prompt": "12+7=", "completion": "19"}
     preference_records(n)  {"prompt": "12+7=", "chosen": "19", "rejected": "18"}
     unpaired_records(n)    {"prompt": "12+7=", "completion": "19" | "24", "label": True | False}
+    style_preference_records(n)
+                           {"prompt": "12+7=", "chosen": "It is 19.", "rejected": "18!!"}: a preference a
+                           tiny model learns in seconds and that carries over to unseen prompts
+                           (the end-to-end SFT -> DPO test holds out problems of another seed)
 
 `conversational=True` wraps prompts and completions as chat messages instead.
 """
@@ -50,6 +54,18 @@ def preference_records(n: int, *, seed: int = 0, max_operand: int = 20, conversa
             out.append({"prompt": p, "chosen": c, "rejected": _as_chat(prompt, rejected)[1]})
         else:
             out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return out
+
+
+def style_preference_records(n: int, *, seed: int = 0, max_operand: int = 20) -> list[dict]:
+    """Pairs where the chosen completion is the right answer in a full sentence and the rejected one a
+    wrong answer, curtly. Unlike `preference_records` (where telling the pair apart needs arithmetic
+    the tiny model does not learn in a test's time), the preference generalises to held-out prompts."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        prompt, answer = _problem(rng, max_operand)
+        out.append({"prompt": prompt, "chosen": f"It is {answer}.", "rejected": f"{_wrong(rng, answer)}!!"})
     return out
 
 

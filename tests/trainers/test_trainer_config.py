@@ -29,6 +29,12 @@ def no_model_loading(monkeypatch):
     (KTOConfig, ["desirable_weight=0"], "desirable_weight"),
     (KTOConfig, ["per_device_batch_size=1"], "per_device_batch_size"),
     (SFTConfig, ["dataset=/no/such.jsonl"], "dataset"),
+    (DPOConfig, ["method=rlhf"], "method"),
+    (DPOConfig, ["method=cpo", "loss_type=robust"], "loss_type"),
+    (DPOConfig, ["f_divergence=tv"], "f_divergence"),
+    (DPOConfig, ["method=simpo", "f_divergence=forward_kl"], "f_divergence"),
+    (DPOConfig, ["method=orpo", "precompute_ref_logps=true"], "precompute_ref_logps"),
+    (DPOConfig, ["cpo_alpha=-1"], "cpo_alpha"),
 ])
 def test_bad_values_name_the_key(cls, overrides, key, tiny_model_dir):
     with pytest.raises(ValueError, match=key):

@@ -85,3 +85,39 @@ def test_no_trainer_computes_logits(tiny_model_dir, tmp_path, monkeypatch):
         tr = make_trainer(stage, tiny_model_dir, tmp_path / stage, ["max_steps=1"])
         tr.model.causal_lm.lm_head.register_forward_hook(lambda *a: forbidden())
         tr.train()
+
+
+@pytest.mark.parametrize("overrides", [
+    ["method=simpo", "beta=2.0", "simpo_gamma=0.5"],
+    ["method=orpo", "beta=0.1"],
+    ["method=cpo", "loss_type=sigmoid", "cpo_alpha=1.0"],
+    ["method=cpo", "loss_type=simpo"],
+    ["f_divergence=js_divergence"],
+    ["f_divergence=alpha_divergence", "f_alpha_divergence_coef=0.3"],
+], ids=lambda o: "-".join(v.split("=")[1] for v in o[:2]))
+def test_preference_methods_train(overrides, tiny_model_dir, tmp_path):
+    """SimPO/ORPO/CPO (no reference model is built) and DPO's f-divergences: the loss falls."""
+    tr = make_trainer("dpo", tiny_model_dir, tmp_path, ["max_steps=6", "learning_rate=3e-3"] + overrides)
+    assert (tr.reference is None) == any(o.startswith("method=") for o in overrides)
+    before = tr.evaluate(tr.train_data)["loss"]
+    tr.train()
+    after = tr.evaluate(tr.train_data)["loss"]
+    assert after < before, (overrides, before, after)
+
+
+def test_dpo_trainer_matches_functional_dpo_loss(tiny_model_dir, tmp_path):
+    """The fused module inside the trainer gives the loss `dpo_loss` gives on the sequence log-probs."""
+    from alignfast.losses import dpo_loss
+    from alignfast.trainers.sequence import sequence_logps
+
+    tr = make_trainer("dpo", tiny_model_dir, tmp_path, ["max_steps=1", "loss_type=ipo", "beta=0.3"])
+    with torch.no_grad():
+        tr.model.causal_lm.lm_head.weight.add_(0.05 * torch.randn_like(tr.model.causal_lm.lm_head.weight))
+    batch = tr.micro_batches(0)[0]
+    loss_sum, metrics = tr.compute_loss(tr.model, batch)
+    logps, lengths = sequence_logps(tr.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    ref = tr.reference_logps(batch)
+    losses, rc, rr = dpo_loss(*logps.chunk(2), *ref.chunk(2), beta=0.3, loss_type="ipo",
+                              chosen_lengths=lengths.chunk(2)[0], rejected_lengths=lengths.chunk(2)[1])
+    torch.testing.assert_close(loss_sum, losses.sum(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(metrics["rewards/margins"], (rc - rr).sum(), rtol=1e-4, atol=1e-5)
