@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 IMPLS = ("naive", "floor", "chunked", "cpp", "liger")   # the fast ones; torch_compile and trl take ~1 min more
-OPS = ("linear_logprobs", "linear_cross_entropy")
+OPS = ("linear_logprobs", "linear_cross_entropy", "dpo")
 COLUMNS = {"suite", "op", "impl", "n", "h", "v", "dtype", "status", "reason", "time_median_s", "time_iqr_s",
            "rounds", "time_vs_naive", "time_vs_floor", "extra_peak_bytes", "mem_vs_naive", "peak_bytes",
            "device", "cores", "torch", "triton", "alignfast", "git_commit"}
@@ -49,7 +49,7 @@ def test_outputs_exist(smoke):
     assert len(json.loads((smoke / "results.json").read_text())) == len(rows)
     summary = (smoke / "summary.md").read_text()
     assert "time/naive" in summary and "mem/naive" in summary
-    assert sum(line.startswith("| linear_") for line in summary.splitlines()) == len(rows)
+    assert sum(line.startswith(tuple(f"| {op} |" for op in OPS)) for line in summary.splitlines()) == len(rows)
 
 
 @pytest.mark.slow

@@ -17,6 +17,17 @@ from helpers import assert_close  # noqa: E402
 WORDS = [f"w{i}" for i in range(40)]
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """TRL's Trainer sets accelerate's process-wide state (mixed precision, ...); later tests that make
+    their own Accelerator must not inherit it."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 def tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
 
