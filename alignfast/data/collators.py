@@ -79,3 +79,30 @@ class UnpairedCollator:
             if all(key in e for e in examples):
                 batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.float32)
         return batch
+
+
+class RolloutCollator:
+    """Rollout rows of the online stages (PPO, GRPO) -> a training batch.
+
+    A row holds `prompt_ids`, `completion_ids`, per-token fields (1-D tensors over its completion
+    tokens: old log-probs, advantages, ...) and per-sequence numbers. Per-token fields come out
+    [B, T-1], aligned with the shifted targets the loss sees (0 on prompt and padding); sequence
+    fields [B] fp32."""
+
+    def __init__(self, pad_token_id: int, token_fields=(), sequence_fields=()):
+        self.pad_token_id = pad_token_id
+        self.token_fields, self.sequence_fields = tuple(token_fields), tuple(sequence_fields)
+
+    def __call__(self, rows):
+        prompts = [r["prompt_ids"] for r in rows]
+        completions = [r["completion_ids"] for r in rows]
+        batch = encode_rows(prompts, completions, self.pad_token_id)
+        width = batch["input_ids"].shape[1] - 1
+        for key in self.token_fields:
+            out = torch.zeros(len(rows), width, dtype=torch.float32)
+            for b, (p, c, row) in enumerate(zip(prompts, completions, rows)):
+                out[b, len(p) - 1:len(p) - 1 + len(c)] = torch.as_tensor(row[key], dtype=torch.float32)
+            batch[key] = out
+        for key in self.sequence_fields:
+            batch[key] = torch.tensor([float(r[key]) for r in rows], dtype=torch.float32)
+        return batch

@@ -5,6 +5,7 @@ Every example keeps the prompt and completion ids apart so the collators can mas
     sft        {"prompt_ids", "completion_ids"}
     preference {"prompt_ids", "chosen_ids", "rejected_ids", "margin"?}
     unpaired   {"prompt_ids", "completion_ids", "label"}
+    prompt     {"prompt_ids", "prompt", "columns"}   (the prompt as given, and the record's other columns)
 
 Standard records: prompt = tokenizer(prompt) (with the tokenizer's BOS), completion =
 tokenizer(completion) + EOS. Conversational records are rendered with the chat template; the
@@ -67,8 +68,24 @@ def truncate(prompt_ids: list[int], completion_ids: list[int], max_length: int |
     return prompt_ids, completion_ids[: max_length - keep_prompt]
 
 
+def encode_prompt(tokenizer, prompt) -> list[int]:
+    """Token ids of a prompt to generate from: a string with the tokenizer's BOS, or a conversation
+    rendered with the chat template and its generation prompt."""
+    if is_conversational(prompt):
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("conversational records need a tokenizer with a chat_template")
+        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, add_special_tokens=False).input_ids
+    return tokenizer(prompt).input_ids
+
+
 def encode_record(record: dict, kind: str, tokenizer, max_length: int | None = None) -> dict:
     check_record(record, kind)
+    if kind == "prompt":  # generation needs room: a prompt keeps its last max_length // 2 tokens
+        ids = encode_prompt(tokenizer, record["prompt"])
+        keep = len(ids) if max_length is None else max(1, max_length // 2)
+        return {"prompt_ids": ids[-keep:], "prompt": record["prompt"],
+                "columns": {k: v for k, v in record.items() if k != "prompt"}}
     if kind == "sft" and "messages" in record:
         record = {"prompt": record["messages"][:-1], "completion": record["messages"][-1:]}
     if kind == "preference":

@@ -5,6 +5,8 @@
 | sft        | prompt + completion, or messages                      |
 | preference | prompt + chosen + rejected (optional: margin)         |
 | unpaired   | prompt + completion + label (bool: desirable or not)  |
+| prompt     | prompt (online stages: PPO, GRPO, CAI; other columns  |
+|            | are passed to reward functions as they are)           |
 
 Each text column is either a string ("standard" format) or a list of {"role", "content"} messages
 ("conversational" format, rendered with the tokenizer's chat template). An implicit prompt (a
@@ -17,6 +19,7 @@ KINDS = {
     "sft": (("prompt", "completion"), ("messages",)),
     "preference": (("prompt", "chosen", "rejected"),),
     "unpaired": (("prompt", "completion", "label"),),
+    "prompt": (("prompt",),),
 }
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -67,7 +70,7 @@ def check_record(record, kind: str) -> None:
         if not isinstance(record["messages"], list) or record["messages"][-1]["role"] != "assistant":
             raise BadRecord("column 'messages' must end with an assistant message (the completion)")
         return
-    _check_text("prompt", record["prompt"], allow_empty=True)
+    _check_text("prompt", record["prompt"], allow_empty=kind != "prompt")
     for col in layout[1:]:
         if col == "label":
             if not isinstance(record["label"], bool):

@@ -71,7 +71,7 @@ class Trainer:
                              f" × {self.accelerator.num_processes} process(es))")
         self.total_steps = self.cfg.max_steps if self.cfg.max_steps > 0 else \
             max(1, math.ceil(self.cfg.num_epochs * self.steps_per_epoch))
-        self.scheduler = make_scheduler(self.cfg, self.optimizer, self.total_steps)
+        self.scheduler = make_scheduler(self.cfg, self.optimizer, self.total_steps * self.updates_per_step())
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         self.step = 0
         self.bad_in_a_row = 0
@@ -90,6 +90,16 @@ class Trainer:
 
     def count_items(self, batch) -> int:
         raise NotImplementedError
+
+    def updates_per_step(self) -> int:
+        """Optimizer updates per training step (1; online stages: several per rollout)."""
+        return 1
+
+    def run_step(self, step: int) -> dict:
+        """One training step: metrics, with the `tokens` it processed (all processes)."""
+        micro = self.micro_batches(step)
+        tokens = sum(int(b["attention_mask"].sum()) for b in micro) * self.accelerator.num_processes
+        return {**self.training_step(micro), "tokens": tokens}
 
     def compute_loss(self, model, batch):
         raise NotImplementedError
@@ -135,18 +145,19 @@ class Trainer:
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.cfg.seed)).tolist()
         return [train[i] for i in order[n_eval:]], [train[i] for i in order[:n_eval]]
 
-    def micro_batches(self, step: int) -> list[dict]:
-        """This process's micro-batches of optimizer step `step` (collated, on the device)."""
+    def step_indices(self, step: int) -> list[list[int]]:
+        """Indices into train_data of this process's micro-batches of step `step`."""
         epoch, k = divmod(step, self.steps_per_epoch)
         order = torch.randperm(len(self.train_data), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
         g = self.global_batch_size
         window = order[k * g:(k + 1) * g].tolist()
         b, world, rank = self.cfg.per_device_batch_size, self.accelerator.num_processes, self.accelerator.process_index
-        out = []
-        for m in range(self.cfg.gradient_accumulation_steps):
-            start = (m * world + rank) * b
-            out.append(self.to_device(self.collator([self.train_data[i] for i in window[start:start + b]])))
-        return out
+        return [window[(m * world + rank) * b:(m * world + rank + 1) * b]
+                for m in range(self.cfg.gradient_accumulation_steps)]
+
+    def micro_batches(self, step: int) -> list[dict]:
+        """This process's micro-batches of optimizer step `step` (collated, on the device)."""
+        return [self.to_device(self.collator([self.train_data[i] for i in idx])) for idx in self.step_indices(step)]
 
     def to_device(self, batch: dict) -> dict:
         return {k: v.to(self.accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -233,11 +244,9 @@ class Trainer:
         try:
             while self.step < self.total_steps:
                 t0 = time.perf_counter()
-                micro = self.micro_batches(self.step)
-                tokens = sum(int(b["attention_mask"].sum()) for b in micro) * acc.num_processes
-                last = self.training_step(micro)
+                last = self.run_step(self.step)
                 self.step += 1
-                last["tokens_per_s"] = tokens / max(time.perf_counter() - t0, 1e-9)
+                last["tokens_per_s"] = last.pop("tokens") / max(time.perf_counter() - t0, 1e-9)
                 last["epoch"] = self.step / self.steps_per_epoch
                 if last.get("skipped"):
                     msg = (f"step {self.step}: non-finite loss/gradient (loss={last['loss']}, grad_norm="

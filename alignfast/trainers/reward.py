@@ -13,19 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from alignfast.data import PreferenceCollator
+from alignfast.losses.reward import reward_loss
 from alignfast.trainers.base import Trainer
 from alignfast.trainers.config import TrainConfig, opt
 from alignfast.trainers.modeling import DTYPES, backbone
-
-try:  # the functional loss of alignfast.losses, once it exists
-    from alignfast.losses.reward import reward_loss as _reward_loss
-except ImportError:  # pragma: no cover - depends on which parts are built
-    _reward_loss = None
-
 
 @dataclass
 class RewardConfig(TrainConfig):
@@ -65,15 +59,19 @@ class ScalarHeadModel(nn.Module):
         return head
 
 
-def bradley_terry(chosen, rejected, margin=None, center_coefficient: float = 0.0):
-    """Fallback until `alignfast.losses.reward.reward_loss` exists: per-pair loss [B] (module docstring)."""
-    diff = chosen - rejected
-    if margin is not None:
-        diff = diff - margin
-    loss = -F.logsigmoid(diff)
-    if center_coefficient:
-        loss = loss + center_coefficient * (chosen + rejected).square()
-    return loss
+def load_reward_model(cfg, source, pad_token_id: int) -> ScalarHeadModel:
+    """A frozen, eval-mode `ScalarHeadModel` from a directory, a sequence-classification model or a
+    `ScalarHeadModel` (what the online stages score completions with)."""
+    if isinstance(source, str):
+        from transformers import AutoModelForSequenceClassification
+
+        source = AutoModelForSequenceClassification.from_pretrained(
+            source, num_labels=1, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code,
+            use_safetensors=True)
+    model = source if isinstance(source, ScalarHeadModel) else ScalarHeadModel(source)
+    if getattr(model.seq_cls.config, "pad_token_id", None) is None:
+        model.seq_cls.config.pad_token_id = pad_token_id
+    return model.eval().requires_grad_(False)
 
 
 class RewardTrainer(Trainer):
@@ -107,12 +105,9 @@ class RewardTrainer(Trainer):
         rewards = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         chosen, rejected = rewards.chunk(2)
         margin = batch.get("margin") if self.cfg.use_margin else None
-        if _reward_loss is not None:  # a batch mean: the sum over pairs is mean × B
-            mean, _ = _reward_loss(chosen, rejected, margin=margin,
-                                   center_rewards_coefficient=self.cfg.center_rewards_coefficient or None)
-            loss_sum = mean * chosen.shape[0]
-        else:
-            loss_sum = bradley_terry(chosen, rejected, margin, self.cfg.center_rewards_coefficient).sum()
+        mean, _ = reward_loss(chosen, rejected, margin=margin,  # a batch mean: the sum over pairs is mean × B
+                              center_rewards_coefficient=self.cfg.center_rewards_coefficient or None)
+        loss_sum = mean * chosen.shape[0]
         d = (chosen - rejected).detach()
         return loss_sum, {"accuracy": (d > 0).float().sum(), "margin": d.sum(),
                               "rewards/chosen": chosen.detach().sum(), "rewards/rejected": rejected.detach().sum()}

@@ -22,3 +22,14 @@ def sequence_logps(model, input_ids, attention_mask, labels, *, backend="auto", 
         out = linear_logprobs(hidden, head.weight, targets, head.bias, softcap=head.softcap, backend=backend,
                               chunk_size=chunk_size)
     return out.logprobs.sum(-1), (targets != -100).sum(-1)
+
+
+def token_logps(model, input_ids, attention_mask, labels, *, temperature=1.0, return_entropy=False, backend="auto",
+                chunk_size=None):
+    """Per-token log-probs [B, T-1] fp32 of the shifted labels (0 where ignored), and the entropies
+    when `return_entropy` (else None)."""
+    hidden, targets = shift(model(input_ids=input_ids, attention_mask=attention_mask), labels)
+    with full_head(model) as head:
+        out = linear_logprobs(hidden, head.weight, targets, head.bias, softcap=head.softcap, temperature=temperature,
+                              return_entropy=return_entropy, backend=backend, chunk_size=chunk_size)
+    return out.logprobs, out.entropy
