@@ -34,6 +34,7 @@ class OnlineConfig(TrainConfig):
     reward_funcs: list = opt([], "reward functions, as package.module:function (called like TRL's)")
     reward_weights: list | None = opt(None, "weight of each reward source (functions first, then the reward model)")
     reward_model: str | None = opt(None, "reward model directory (a sequence-classification model, 1 label)")
+    ref_model: str | None = opt(None, "reference model directory; default: a frozen copy of the initial policy")
     generation_batch_size: int | None = opt(None, "prompts per `generate` call (default: all of the step's)")
 
     stage = "online"
@@ -52,8 +53,9 @@ class OnlineConfig(TrainConfig):
         if self.generation_batch_size is not None:
             if self.generation_batch_size < 1:
                 raise ValueError(f"generation_batch_size must be >= 1, got {self.generation_batch_size!r}")
-        if self.reward_model is not None:
-            _check_model_path("reward_model", self.reward_model)
+        for key in ("reward_model", "ref_model"):
+            if getattr(self, key) is not None:
+                _check_model_path(key, getattr(self, key))
         return self
 
 

@@ -1,4 +1,4 @@
-"""The frozen reference policy of DPO and KTO, and the precomputation of its log-probs.
+"""The frozen reference policy of DPO, KTO, PPO and GRPO, and the precomputation of its log-probs.
 
 The reference is a separate frozen copy (of the initial policy, or `ref_model` when given), or,
 with PEFT, the policy's own base weights with the adapters switched off. With
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from alignfast.trainers.modeling import HiddenStatesModel, frozen_copy, load_causal_lm
-from alignfast.trainers.sequence import sequence_logps
+from alignfast.trainers.sequence import sequence_logps, token_logps
 
 
 class ReferencePolicy:
@@ -36,6 +36,15 @@ class ReferencePolicy:
                                       backend=self.cfg.backend, chunk_size=self.cfg.chunk_size)[0]
         return sequence_logps(self.model, input_ids, attention_mask, labels, backend=self.cfg.backend,
                               chunk_size=self.cfg.chunk_size)[0]
+
+    @torch.no_grad()
+    def token_logps(self, input_ids, attention_mask, labels, temperature: float = 1.0) -> torch.Tensor:
+        """Reference per-token log-probs [B, T-1] fp32 of the shifted labels (0 where ignored)."""
+        kw = dict(temperature=temperature, backend=self.cfg.backend, chunk_size=self.cfg.chunk_size)
+        if self.model is None:
+            with self.policy.causal_lm.disable_adapter():
+                return token_logps(self.policy, input_ids, attention_mask, labels, **kw)[0]
+        return token_logps(self.model, input_ids, attention_mask, labels, **kw)[0]
 
     @torch.no_grad()
     def precompute(self, examples: list[dict], collator, fields: dict[str, tuple[str, ...]], batch_size: int):
