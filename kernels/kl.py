@@ -34,6 +34,7 @@ from alignfast.kernels.logprobs import (
     _acc_dtype,
     _autotune_configs,
     _flags,
+    _push_grad_tile,
     _raw_logits_tile,
     autotune_enabled,
     default_config,
@@ -196,33 +197,9 @@ def _kl_bwd_kernel(
         dx = p * tl.where(tile_mask, log_p - log_q - kl[:, None], 0.0)
     dz = tl.where(tile_mask, dx * (g * inv_temp)[:, None], 0.0)
 
-    if NEED_DB:
-        tl.atomic_add(grad_bias_ptr + cols, tl.sum(dz, axis=0), mask=col_mask)
-    if NEED_DH or NEED_DW:
-        # Tensor-core operand: dZ in the input dtype (as PyTorch's own backward); fp32 accumulation.
-        if UPCAST:
-            dz_op = dz.to(tl.float32)
-        else:
-            dz_op = dz.to(hidden_ptr.dtype.element_ty)
-        for k0 in range(0, H, BLOCK_H):
-            ks = k0 + tl.arange(0, BLOCK_H)
-            k_mask = ks < H
-            if NEED_DH:
-                w = tl.load(weight_ptr + cols[:, None] * stride_wv + ks[None, :] * stride_wk,
-                            mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-                if UPCAST:
-                    w = w.to(tl.float32)
-                dh = tl.dot(dz_op, w, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
-                tl.atomic_add(grad_hidden_ptr + rows[:, None] * H + ks[None, :], dh,
-                              mask=row_mask[:, None] & k_mask[None, :])
-            if NEED_DW:
-                h = tl.load(hidden_ptr + rows[:, None] * stride_hn + ks[None, :] * stride_hk,
-                            mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-                if UPCAST:
-                    h = h.to(tl.float32)
-                dw = tl.dot(tl.trans(dz_op), h, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
-                tl.atomic_add(grad_weight_ptr + cols[:, None] * H + ks[None, :], dw,
-                              mask=col_mask[:, None] & k_mask[None, :])
+    _push_grad_tile(dz, rows, cols, row_mask, col_mask, hidden_ptr, weight_ptr, grad_hidden_ptr, grad_weight_ptr,
+                    grad_bias_ptr, stride_hn, stride_hk, stride_wv, stride_wk, H, BLOCK_H, NEED_DH, NEED_DW, NEED_DB,
+                    UPCAST, DOT_PRECISION)
 
 
 _KEY = ["N_BUCKET", "H", "H_REF", "V"]

@@ -204,6 +204,44 @@ def _logprobs_fwd_kernel(
 # backward
 # ---------------------------------------------------------------------------------------------
 @triton.jit
+def _push_grad_tile(dz, rows, cols, row_mask, col_mask, hidden_ptr, weight_ptr, grad_hidden_ptr, grad_weight_ptr,
+                    grad_bias_ptr, stride_hn, stride_hk, stride_wv, stride_wk, H,
+                    BLOCK_H: tl.constexpr, NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+                    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Adds a [BLOCK_N, BLOCK_V] tile of dL/dz (zero outside the masks) to the gradients:
+    grad_hidden[n] += Σ_v dZ[n, v]·W[v],  grad_weight[v] += Σ_n dZ[n, v]·h[n],  grad_bias[v] += Σ_n dZ[n, v]."""
+    acc_dtype: tl.constexpr = dz.dtype
+    if NEED_DB:
+        tl.atomic_add(grad_bias_ptr + cols, tl.sum(dz, axis=0), mask=col_mask)
+    if NEED_DH or NEED_DW:
+        # Tensor-core operand: dZ in the input dtype (what PyTorch's own backward feeds its
+        # matmuls); accumulation stays fp32.
+        if UPCAST:
+            dz_op = dz.to(tl.float32)
+        else:
+            dz_op = dz.to(hidden_ptr.dtype.element_ty)
+        for k0 in range(0, H, BLOCK_H):
+            ks = k0 + tl.arange(0, BLOCK_H)
+            k_mask = ks < H
+            if NEED_DH:
+                w = tl.load(weight_ptr + cols[:, None] * stride_wv + ks[None, :] * stride_wk,
+                            mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+                if UPCAST:
+                    w = w.to(tl.float32)
+                dh = tl.dot(dz_op, w, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
+                tl.atomic_add(grad_hidden_ptr + rows[:, None] * H + ks[None, :], dh,
+                              mask=row_mask[:, None] & k_mask[None, :])
+            if NEED_DW:
+                h = tl.load(hidden_ptr + rows[:, None] * stride_hn + ks[None, :] * stride_hk,
+                            mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+                if UPCAST:
+                    h = h.to(tl.float32)
+                dw = tl.dot(tl.trans(dz_op), h, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
+                tl.atomic_add(grad_weight_ptr + cols[:, None] * H + ks[None, :], dw,
+                              mask=col_mask[:, None] & k_mask[None, :])
+
+
+@triton.jit
 def _logprobs_bwd_kernel(
     hidden_ptr,    # [N, H] input dtype, strides (stride_hn, stride_hk)
     weight_ptr,    # [V, H] input dtype, strides (stride_wv, stride_wk)
@@ -279,34 +317,9 @@ def _logprobs_bwd_kernel(
         dz = dz * (1.0 - t * t)
     dz = tl.where(tile_mask, dz, 0.0)
 
-    if NEED_DB:
-        tl.atomic_add(grad_bias_ptr + cols, tl.sum(dz, axis=0), mask=col_mask)
-    if NEED_DH or NEED_DW:
-        # Tensor-core operand: dZ in the input dtype (what PyTorch's own backward feeds its
-        # matmuls); accumulation stays fp32.
-        if UPCAST:
-            dz_op = dz.to(tl.float32)
-        else:
-            dz_op = dz.to(hidden_ptr.dtype.element_ty)
-        for k0 in range(0, H, BLOCK_H):
-            ks = k0 + tl.arange(0, BLOCK_H)
-            k_mask = ks < H
-            if NEED_DH:
-                w = tl.load(weight_ptr + cols[:, None] * stride_wv + ks[None, :] * stride_wk,
-                            mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-                if UPCAST:
-                    w = w.to(tl.float32)
-                dh = tl.dot(dz_op, w, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
-                tl.atomic_add(grad_hidden_ptr + rows[:, None] * H + ks[None, :], dh,
-                              mask=row_mask[:, None] & k_mask[None, :])
-            if NEED_DW:
-                h = tl.load(hidden_ptr + rows[:, None] * stride_hn + ks[None, :] * stride_hk,
-                            mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-                if UPCAST:
-                    h = h.to(tl.float32)
-                dw = tl.dot(tl.trans(dz_op), h, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
-                tl.atomic_add(grad_weight_ptr + cols[:, None] * H + ks[None, :], dw,
-                              mask=col_mask[:, None] & k_mask[None, :])
+    _push_grad_tile(dz, rows, cols, row_mask, col_mask, hidden_ptr, weight_ptr, grad_hidden_ptr, grad_weight_ptr,
+                    grad_bias_ptr, stride_hn, stride_hk, stride_wv, stride_wk, H, BLOCK_H, NEED_DH, NEED_DW, NEED_DB,
+                    UPCAST, DOT_PRECISION)
 
 
 _fwd_autotuned = triton.autotune(configs=_autotune_configs(), key=["N_BUCKET", "H", "V"])(
