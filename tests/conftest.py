@@ -1,5 +1,7 @@
-"""Shared test setup: Triton's interpreter on CPU-only machines, NaN-poisoned allocations, helpers."""
+"""Shared test setup: Triton's interpreter on CPU-only machines, NaN-poisoned allocations, one thread
+for the model-training tests, the tiny model on disk."""
 import os
+from pathlib import Path
 
 import torch
 
@@ -28,3 +30,27 @@ def poison_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
     monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: poison(real_new_empty(self, *a, **k)))
     yield
+
+
+# Tests that train tiny models run one torch thread each: on 2 shared cores oversubscription is ~40x slower.
+ONE_THREAD_DIRS = {"data", "trainers", "demo"}
+TESTS_DIR = Path(__file__).parent
+
+
+@pytest.fixture(autouse=True)
+def one_thread(request):
+    if request.path.relative_to(TESTS_DIR).parts[0] not in ONE_THREAD_DIRS:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny Llama and its tokenizer saved once per session (alignfast.models.tiny)."""
+    from alignfast.models.tiny import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "model")
