@@ -80,7 +80,7 @@ ext_modules, cmdclass = native_extensions()
 setup(
     packages=find_packages(include=["alignfast", "alignfast.*"]) + ["alignfast.kernels"],
     package_dir={"alignfast.kernels": "kernels"},
-    package_data={"alignfast": ["data/assets/*", "configs/*"]},
+    package_data={"alignfast": ["data/assets/*", "data/*.yaml", "configs/*"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
