@@ -55,6 +55,11 @@ def sample_completions(causal_lm, prompt_ids: list[list[int]], sampling: Samplin
                               top_k=None if greedy else sampling.top_k, top_p=None if greedy else sampling.top_p)
     was_training = causal_lm.training
     causal_lm.eval()
+    # `generate` fills every option left unset from the checkpoint's generation_config.json
+    # (repetition_penalty, min_new_tokens, num_beams, ...): that would sample from another distribution
+    # than the tempered one the losses' log-probs assume. Neutral defaults for the call.
+    hf_model = causal_lm.get_base_model() if hasattr(causal_lm, "get_base_model") else causal_lm  # PEFT
+    model_defaults, hf_model.generation_config = hf_model.generation_config, GenerationConfig()
     out: list[list[int]] = []
     size = batch_size or len(prompt_ids)
     devices = [device] if device.type == "cuda" else []
@@ -70,5 +75,6 @@ def sample_completions(causal_lm, prompt_ids: list[list[int]], sampling: Samplin
                 generated = causal_lm.generate(input_ids=ids, attention_mask=mask, generation_config=config)
                 out += [cut_at_eos(row, eos_token_id)[0] for row in generated[:, width:].tolist()]
     finally:
+        hf_model.generation_config = model_defaults
         causal_lm.train(was_training)
     return out

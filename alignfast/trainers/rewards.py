@@ -58,9 +58,13 @@ class Rewards:
                 values = self._score_model(source, examples, completion_ids)
             else:
                 out = source(prompts, texts, **columns)
-                values = torch.as_tensor([float(v) for v in out], dtype=torch.float32)
+                try:  # a scalar, None (TRL's "unscorable") or text would fail below without naming the function
+                    values = torch.as_tensor([float(v) for v in out], dtype=torch.float32)
+                except (TypeError, ValueError) as e:
+                    raise ValueError(f"reward function {name} must return one float per completion: {e}") from None
                 if values.shape != (len(texts),):
-                    raise ValueError(f"reward function {name} returned {len(out)} values for {len(texts)} completions")
+                    raise ValueError(f"reward function {name} returned {values.numel()} values for {len(texts)} "
+                                     f"completions")
             if not torch.isfinite(values).all():
                 raise ValueError(f"reward source {name} returned a non-finite reward")
             per_source[name] = values.float().cpu()
