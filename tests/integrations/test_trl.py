@@ -1,9 +1,8 @@
-"""alignfast.integrations.trl: SFTTrainer's loss, gradients and metrics equal TRL's own fused path.
+"""alignfast.integrations.trl: SFTTrainer's loss, gradients and metrics equal TRL's own fused path;
+options, revert, RewardTrainer and unsupported trainers.
 
 A tiny random-init Llama and a word-level tokenizer built here: nothing is downloaded.
 """
-import copy
-
 import pytest
 import torch
 
@@ -12,20 +11,10 @@ datasets = pytest.importorskip("datasets")
 transformers = pytest.importorskip("transformers")
 
 from alignfast.integrations import trl as atrl  # noqa: E402
-from helpers import assert_close  # noqa: E402
+from trl_common import fresh_accelerate_state  # noqa: E402,F401 (autouse fixture)
+from trl_common import KernelCalls, assert_same_as_trl  # noqa: E402
 
 WORDS = [f"w{i}" for i in range(40)]
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """TRL's Trainer sets accelerate's process-wide state (mixed precision, ...); later tests that make
-    their own Accelerator must not inherit it."""
-    yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def tokenizer():
@@ -57,46 +46,23 @@ def make_trainer(tmp_path, config_overrides=None, **arg_overrides):
                           processing_class=tok)
 
 
-def loss_grads_metrics(trainer, batch, num_items_in_batch=None):
-    model = trainer.model
-    model.train()
-    model.zero_grad(set_to_none=True)
-    trainer._metrics["train"].clear()
-    loss = trainer.compute_loss(model, copy.copy(batch), num_items_in_batch=num_items_in_batch)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()
-               if k in ("entropy", "mean_token_accuracy")}
-    return loss.detach(), grads, metrics
-
-
 @pytest.mark.parametrize("loss_type", ["nll", "dft"])
 def test_sft_loss_grads_and_metrics_equal_trls(tmp_path, monkeypatch, loss_type):
-    calls = []
-    real = atrl.linear_logprobs
-    monkeypatch.setattr(atrl, "linear_logprobs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = KernelCalls(monkeypatch)
     trainer = make_trainer(tmp_path, loss_type=loss_type)
     batch = next(iter(trainer.get_train_dataloader()))
     assert (batch["labels"] == -100).any()  # prompts and padding are masked
     for num_items in (None, torch.tensor(23)):
-        ref = loss_grads_metrics(trainer, batch, num_items)
-        atrl.use_alignfast(trainer)
-        n_calls = len(calls)
-        fused = loss_grads_metrics(trainer, batch, num_items)
-        assert len(calls) == n_calls + 1  # the loss came from alignfast's kernel
-        atrl.revert(trainer)
-        assert_close(fused[0], ref[0], rtol=1e-5, name="loss")
-        assert fused[1].keys() == ref[1].keys() and len(ref[1]) == len(list(trainer.model.parameters()))
-        for key in ref[1]:
-            assert_close(fused[1][key], ref[1][key], rtol=1e-5, name=f"grad {key}")
-        assert fused[2].keys() == {"entropy", "mean_token_accuracy"}
-        assert fused[2]["entropy"] == pytest.approx(ref[2]["entropy"], rel=1e-5)
-        assert fused[2]["mean_token_accuracy"] == pytest.approx(ref[2]["mean_token_accuracy"])
+        metrics = assert_same_as_trl(trainer, batch, calls, num_items_in_batch=num_items)
+        assert {"entropy", "mean_token_accuracy"} <= metrics.keys()
 
 
 def test_subclass_trains_and_revert_restores_trls_head(tmp_path):
     trainer = make_trainer(tmp_path)
     trl_forward = trainer.model.__dict__["forward"]
+    with pytest.raises(ValueError, match="unknown options"):
+        atrl.use_alignfast(trainer, temperature=2.0)
+    assert trainer.model.__dict__["forward"] is trl_forward
     atrl.use_alignfast(trainer, backend="chunked")
     atrl.use_alignfast(trainer)  # re-applying keeps TRL's forward to go back to
     assert trainer.model.__dict__["forward"] is not trl_forward
@@ -107,7 +73,38 @@ def test_subclass_trains_and_revert_restores_trls_head(tmp_path):
                                    train_dataset=trainer.train_dataset,
                                    processing_class=trainer.processing_class,
                                    alignfast_options={"backend": "chunked"})
+    assert atrl.fused_head.is_installed(sub.model)
     result = sub.train()
     assert result.training_loss == result.training_loss and result.training_loss > 0  # finite, not NaN
-    with pytest.raises(ValueError, match="unknown options"):
-        atrl.use_alignfast(sub, temperature=2.0)
+
+
+def test_reward_trainer_is_left_unchanged_with_a_warning(tmp_path):
+    tok = tokenizer()
+    config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2, intermediate_size=32,
+                                      pad_token_id=0, num_labels=1)
+    torch.manual_seed(0)
+    model = transformers.LlamaForSequenceClassification(config)
+    rows = [{"chosen": "w1 w2 w3", "rejected": "w4 w5"}, {"chosen": "w6", "rejected": "w7 w8"}]
+    args = trl.RewardConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, save_strategy="no")
+    trainer = trl.RewardTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                                processing_class=tok)
+    forward = trainer.model.forward
+    with pytest.warns(UserWarning, match="no vocab projection"):
+        assert atrl.use_alignfast(trainer) is trainer
+    assert trainer.model.forward == forward and "forward" not in trainer.model.__dict__
+    assert atrl.revert(trainer) is trainer
+
+
+def test_unsupported_trainers_and_models_are_rejected(tmp_path):
+    sft = make_trainer(tmp_path)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    with pytest.raises(TypeError, match="use_alignfast supports trl.SFTTrainer"):
+        atrl.use_alignfast(transformers.Trainer(model=sft.model, args=args))
+    HeadSpec = atrl.fused_head.HeadSpec
+    with pytest.raises(ValueError, match="unknown fused-head outputs"):
+        HeadSpec(("log_probs", "logits"))
+    plain = transformers.LlamaForCausalLM(sft.model.config)  # no fused head from TRL
+    with pytest.raises(RuntimeError, match="no fused LM head from TRL"):
+        atrl.fused_head.install(sft, [(sft.model, HeadSpec()), (plain, HeadSpec())], {})
+    assert not atrl.fused_head.is_installed(sft.model)  # all models are checked before any is changed
