@@ -1,12 +1,14 @@
 // alignfast._C: the native kernels' one registration file.
 //
 // Declares the `alignfast` operator schemas and registers the `cpp` backend's CPU kernels
-// (row_kernels_cpu.cpp). On CUDA builds, cuda/bindings.cpp registers the same ops for CUDA.
-// Python wraps each op with a fake (meta) implementation in alignfast/ops/native_rows.py.
+// (row_kernels_cpu.cpp, gae_cpu.cpp, pg_token_loss_cpu.cpp). On CUDA builds, cuda/bindings.cpp
+// registers the same ops for CUDA. Python wraps each op with a fake (meta) implementation beside
+// its wrapper (alignfast/ops/native_rows.py, alignfast/losses/pg_token.py; gae_scan's in _native.py).
 #include <torch/extension.h>
 #include <torch/library.h>
 
 #include "gae_ops.h"
+#include "pg_token_loss_ops.h"
 #include "row_ops.h"
 
 namespace alignfast {
@@ -37,6 +39,16 @@ std::tuple<at::Tensor, at::Tensor> gae_scan_cpu_op(const at::Tensor& rewards, co
                   [](const auto& p) { gae_scan_cpu(p); });
 }
 
+PgTokenOutputs pg_token_loss_cpu_op(const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,
+                                    const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages,
+                                    const at::Tensor& valid, double ratio_low, double ratio_high,
+                                    std::optional<double> dual_clip, std::optional<double> log_ratio_clamp,
+                                    std::optional<std::string> kl_estimator, double kl_coef) {
+  return pg_token_loss(logp, old_logp, ref_logp, advantages, valid, ratio_low, ratio_high, dual_clip,
+                       log_ratio_clamp, kl_estimator, kl_coef, c10::DeviceType::CPU,
+                       [](const auto& p) { pg_token_loss_cpu(p); });
+}
+
 }  // namespace
 }  // namespace alignfast
 
@@ -51,12 +63,18 @@ TORCH_LIBRARY(alignfast, m) {
   // GAE reverse scan over [B, T] rollouts (gae.h): (advantages, returns), 0 where valid is false.
   m.def("gae_scan(Tensor rewards, Tensor values, Tensor valid, float gamma, float lam) "
         "-> (Tensor advantages, Tensor returns)");
+  // PPO/GRPO per-token loss, ∂loss/∂logp and metric terms in one pass (pg_token_loss.h); kl is [0]
+  // without ref_logp, flags uint8 bits (1 clipped, 2 clip low, 4 clip high, 8 dual-clipped).
+  m.def("pg_token_loss(Tensor logp, Tensor? old_logp, Tensor? ref_logp, Tensor advantages, Tensor valid, "
+        "float ratio_low, float ratio_high, float? dual_clip, float? log_ratio_clamp, str? kl_estimator, "
+        "float kl_coef) -> (Tensor loss, Tensor dloss, Tensor ratio, Tensor approx_kl, Tensor kl, Tensor flags)");
 }
 
 TORCH_LIBRARY_IMPL(alignfast, CPU, m) {
   m.impl("logprob_rows_stats", &alignfast::logprob_rows_stats_cpu_op);
   m.impl("logprob_rows_grad_", &alignfast::logprob_rows_grad_cpu_op);
   m.impl("gae_scan", &alignfast::gae_scan_cpu_op);
+  m.impl("pg_token_loss", &alignfast::pg_token_loss_cpu_op);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -5,6 +5,8 @@ loss and the metrics its method's users log):
 
     kl.py          token_kl                               k1 / k2 / k3 KL estimators
     gae.py         gae                                    GAE advantages and returns (torch or Triton)
+    pg_token.py    pg_token_terms                         PPO/GRPO per-token loss, ∂/∂logp, metric terms
+                                                          in one pass (torch, Triton, C++ or CUDA)
     ppo.py         ppo_policy_loss, ppo_value_loss        clipped surrogate (+ dual clip), clipped value loss
     grpo.py        grpo_loss                              GRPO / BNPO / Dr. GRPO / DAPO
     dpo.py         dpo_loss                               DPO and its variants (a registry of loss types)

@@ -5,15 +5,21 @@ the sampled completion tokens (already shifted, `ignore_index` on the prompt and
 policy's token log-probs (and entropies) are streamed chunk by chunk of whole sequences; the
 functional loss on a chunk, rescaled by the chunk's share of the batch's normaliser, gives the
 per-token gradient in the same pass (3 vocab projections); the reference costs 1, no gradient.
+The per-token arithmetic is `ppo_policy_loss` / `grpo_loss`, i.e. the fused token pass of
+`alignfast.losses.pg_token` (`token_backend` picks its backend).
 """
 from __future__ import annotations
+
+import torch
 
 from alignfast.losses._reductions import LOSS_AGG_MODES, aggregate, masked_mean
 from alignfast.losses._validation import check_choice
 from alignfast.losses.fused_base import LinearLossBase, SequenceBatch
 from alignfast.losses.grpo import GRPO_LOSS_TYPES, grpo_loss
-from alignfast.losses.kl import KL_ESTIMATORS, token_kl
+from alignfast.losses.kl import KL_ESTIMATORS
+from alignfast.losses.pg_token import PG_TOKEN_BACKENDS
 from alignfast.losses.ppo import ppo_policy_loss
+from alignfast.ops.kl import KL_BACKENDS, linear_kl
 
 
 class LinearPPOLoss(LinearLossBase):
@@ -24,10 +30,16 @@ class LinearPPOLoss(LinearLossBase):
 
         loss = agg(max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε_high))) + kl_coef·agg(KL_t) − entropy_coef·agg(H_t)
 
-    ρ = π/π_old per token, KL_t = `token_kl(logp, ref, kl_estimator)`, H_t the policy's entropy, agg
-    the `loss_agg` reduction for all three terms. Options mirror `ppo_policy_loss` (clip_eps,
-    clip_eps_high, dual_clip, loss_agg) plus kl_coef, kl_estimator, entropy_coef; `log_entropy`
-    computes the entropy for the metric even when entropy_coef is 0 (one more pass per block).
+    ρ = π/π_old per token, KL_t = `token_kl(logp, ref, kl_estimator)` for kl_estimator k1/k2/k3,
+    H_t the policy's entropy, agg the `loss_agg` reduction for all three terms. Options mirror
+    `ppo_policy_loss` (clip_eps, clip_eps_high, dual_clip, loss_agg) plus kl_coef, kl_estimator,
+    entropy_coef, token_backend (the token pass's backend); `log_entropy` computes the entropy for
+    the metric even when entropy_coef is 0 (one more pass per block).
+
+    kl_estimator="full": KL_t is the exact KL(π‖π_ref) over the whole vocabulary, from `linear_kl`
+    on hidden/weight and ref_hidden/ref_weight (no logits; differentiable w.r.t. the policy side;
+    2 more vocab projections forward, 2 backward). It needs ref_hidden + ref_weight (ref_logps only
+    hold the sampled tokens) and no softcap.
 
     forward(hidden [B, T, H], weight [V, H], labels [B, T], old_logprobs [B, T], advantages [B, T] or [B],
             bias=None, *, ref_hidden + ref_weight (+ ref_bias) or ref_logps [B, T])
@@ -37,31 +49,39 @@ class LinearPPOLoss(LinearLossBase):
 
     def __init__(self, *, clip_eps: float = 0.2, clip_eps_high: float | None = None, dual_clip: float | None = None,
                  loss_agg: str = "token-mean", kl_coef: float = 0.0, kl_estimator: str = "k1",
-                 entropy_coef: float = 0.0, log_entropy: bool = True, **options):
+                 entropy_coef: float = 0.0, log_entropy: bool = True, token_backend: str = "auto", **options):
         super().__init__(**options)
         check_choice("loss_agg", loss_agg, LOSS_AGG_MODES)
-        check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
+        check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS + ("full",))
+        check_choice("token_backend", token_backend, PG_TOKEN_BACKENDS)
+        if kl_estimator == "full" and self.softcap is not None:
+            raise ValueError(f"kl_estimator='full' (linear_kl) does not support a logit softcap (got softcap="
+                             f"{self.softcap!r}); use kl_estimator 'k1', 'k2' or 'k3'")
         self.clip_eps, self.clip_eps_high, self.dual_clip, self.loss_agg = clip_eps, clip_eps_high, dual_clip, loss_agg
         self.kl_coef, self.kl_estimator = kl_coef, kl_estimator
-        self.entropy_coef, self.log_entropy = entropy_coef, log_entropy
+        self.entropy_coef, self.log_entropy, self.token_backend = entropy_coef, log_entropy, token_backend
 
     def forward(self, hidden, weight, labels, old_logprobs, advantages, bias=None, *, ref_hidden=None,
                 ref_weight=None, ref_bias=None, ref_logps=None):
-        has_ref = ref_hidden is not None or ref_weight is not None or ref_logps is not None
-        if self.kl_coef and not has_ref:
-            raise ValueError(f"kl_coef={self.kl_coef!r} needs the reference: pass ref_hidden + ref_weight or ref_logps")
+        full = self.kl_estimator == "full"
+        if full:
+            self._check_full_reference(ref_hidden, ref_weight, ref_logps)
+        else:
+            has_ref = ref_hidden is not None or ref_weight is not None or ref_logps is not None
+            if self.kl_coef and not has_ref:
+                raise ValueError(f"kl_coef={self.kl_coef!r} needs the reference: pass ref_hidden + ref_weight or "
+                                 "ref_logps")
 
         def formula(batch: SequenceBatch):
             mask = batch.mask
+            ref = batch.ref_token_logps() if batch.ref is not None else None
             loss, metrics = ppo_policy_loss(batch.logps, batch.take(old_logprobs), batch.take(advantages), mask,
                                             clip_eps=self.clip_eps, clip_eps_high=self.clip_eps_high,
-                                            dual_clip=self.dual_clip, loss_agg=self.loss_agg)
-            metrics["policy_loss"] = loss.detach()
-            if batch.ref is not None:
-                kl = token_kl(batch.logps, batch.ref_token_logps(), self.kl_estimator)
-                if self.kl_coef:
-                    loss = loss + self.kl_coef * aggregate(kl, mask, self.loss_agg)
-                metrics["kl"] = masked_mean(kl, mask).detach()
+                                            dual_clip=self.dual_clip, loss_agg=self.loss_agg, ref_logprobs=ref,
+                                            kl_coef=self.kl_coef if ref is not None else 0.0,
+                                            kl_estimator="k1" if full else self.kl_estimator,
+                                            backend=self.token_backend)
+            metrics.setdefault("policy_loss", loss.detach())
             if batch.entropy is not None:
                 if self.entropy_coef:
                     loss = loss - self.entropy_coef * aggregate(batch.entropy, mask, self.loss_agg)
@@ -69,9 +89,35 @@ class LinearPPOLoss(LinearLossBase):
             share = batch.token_share if self.loss_agg == "token-mean" else batch.row_share
             return loss * share, metrics
 
-        return self._loss(formula, hidden, weight, bias, labels, ref_hidden=ref_hidden, ref_weight=ref_weight,
-                          ref_bias=ref_bias, ref_logps=ref_logps, ref_per_token=True,
-                          with_entropy=self.log_entropy or bool(self.entropy_coef))
+        # "full" takes the reference from linear_kl below, not as sampled-token log-probs.
+        refs = {} if full else dict(ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
+                                    ref_logps=ref_logps)
+        loss, metrics = self._loss(formula, hidden, weight, bias, labels, ref_per_token=True,
+                                   with_entropy=self.log_entropy or bool(self.entropy_coef), **refs)
+        if full and ref_hidden is not None:
+            kl, mask = self._full_kl(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias)
+            if self.kl_coef:
+                loss = loss + self.kl_coef * aggregate(kl, mask, self.loss_agg)
+            metrics["kl"] = masked_mean(kl, mask).detach()
+        return loss, metrics
+
+    def _check_full_reference(self, ref_hidden, ref_weight, ref_logps) -> None:
+        if ref_logps is not None:
+            raise ValueError("kl_estimator='full' needs ref_hidden and ref_weight (the reference's hidden states and "
+                             "output head); ref_logps only hold the sampled tokens' log-probs")
+        if (ref_hidden is None) != (ref_weight is None) or (self.kl_coef and ref_hidden is None):
+            raise ValueError(f"kl_estimator='full' with kl_coef={self.kl_coef!r} needs both ref_hidden and ref_weight "
+                             f"(got ref_hidden={'a tensor' if ref_hidden is not None else None}, "
+                             f"ref_weight={'a tensor' if ref_weight is not None else None})")
+
+    def _full_kl(self, hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias):
+        """([B, T] KL(π‖π_ref) over the vocabulary, 0 at ignored positions; the [B, T] float mask)."""
+        valid = labels != self.ignore_index
+        backend = self.backend if self.backend in KL_BACKENDS else "auto"  # linear_kl has no cpp/cuda kernels
+        with torch.set_grad_enabled(torch.is_grad_enabled() and bool(self.kl_coef)):  # metric only: no graph
+            kl = linear_kl(hidden, weight, ref_hidden, ref_weight, bias=bias, ref_bias=ref_bias, targets_mask=valid,
+                           temperature=self.temperature, backend=backend, chunk_size=self.chunk_size)
+        return kl, valid.to(kl.dtype)
 
 
 class LinearGRPOLoss(LinearLossBase):
@@ -79,8 +125,9 @@ class LinearGRPOLoss(LinearLossBase):
 
     Shao et al., "DeepSeekMath" (GRPO), 2024, https://arxiv.org/abs/2402.03300:
         l_t = −min(ρ·A, clip(ρ, 1−ε, 1+ε_high)·A) + β·k3_t, normalised per `loss_type` (see `grpo_loss`).
-    Options mirror `grpo_loss` (beta, epsilon, epsilon_high, loss_type, max_completion_length);
-    `log_entropy` adds TRL's "entropy" metric (one more pass per block).
+    Options mirror `grpo_loss` (beta, epsilon, epsilon_high, loss_type, max_completion_length) plus
+    token_backend (the token pass's backend); `log_entropy` adds TRL's "entropy" metric (one more
+    pass per block).
 
     forward(hidden [B, T, H], weight [V, H], labels [B, T], advantages [B] (or [B, T]), bias=None, *,
             old_logprobs [B, T] | None (None: on-policy, π_old = π detached), ref_hidden + ref_weight
@@ -90,9 +137,11 @@ class LinearGRPOLoss(LinearLossBase):
 
     def __init__(self, *, beta: float = 0.0, epsilon: float = 0.2, epsilon_high: float | None = None,
                  loss_type: str = "dapo", max_completion_length: int | None = None, log_entropy: bool = True,
-                 **options):
+                 token_backend: str = "auto", **options):
         super().__init__(**options)
         check_choice("loss_type", loss_type, GRPO_LOSS_TYPES)
+        check_choice("token_backend", token_backend, PG_TOKEN_BACKENDS)
+        self.token_backend = token_backend
         self.beta, self.epsilon, self.epsilon_high = beta, epsilon, epsilon_high
         self.loss_type, self.max_completion_length, self.log_entropy = loss_type, max_completion_length, log_entropy
 
@@ -107,7 +156,8 @@ class LinearGRPOLoss(LinearLossBase):
             ref = batch.ref_token_logps() if batch.ref is not None else None
             loss, metrics = grpo_loss(batch.logps, batch.take(old_logprobs), ref, batch.take(advantages), batch.mask,
                                       beta=self.beta, epsilon=self.epsilon, epsilon_high=self.epsilon_high,
-                                      loss_type=self.loss_type, max_completion_length=max_len)
+                                      loss_type=self.loss_type, max_completion_length=max_len,
+                                      backend=self.token_backend)
             if batch.entropy is not None:
                 metrics["entropy"] = masked_mean(batch.entropy, batch.mask).detach()
             share = batch.row_share if self.loss_type in ("grpo", "dr_grpo") else batch.token_share

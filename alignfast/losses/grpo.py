@@ -14,6 +14,9 @@ The variants differ only in how Σ l_t·m_t is normalised (TRL's `GRPOTrainer` l
     dr_grpo  Σ l·m / (B · max_completion_length)         Dr. GRPO, Liu et al. 2025, https://arxiv.org/abs/2503.20783
     dapo     Σ l·m / Σ m                                 DAPO, Yu et al. 2025, https://arxiv.org/abs/2503.14476
 
+The per-token arithmetic is one fused pass (`alignfast.losses.pg_token`: torch, Triton, C++ or
+CUDA); the normalisers below stay in PyTorch.
+
 TRL's ``dapo`` divides by the token count of the whole generation batch across processes and
 accumulation steps; for one batch on one process that is Σ m, which is what this function uses
 (pass a pre-scaled loss yourself when accumulating). Every count is clamped at 1, so all-masked
@@ -26,15 +29,15 @@ import torch
 from alignfast.losses._reductions import masked_mean, masked_row_mean
 from alignfast.losses._validation import (check_choice, check_floats, check_mask, check_nonnegative, check_positive,
                                           compute_dtype)
-from alignfast.losses.kl import token_kl
+from alignfast.losses.pg_token import CLIP_HIGH, CLIP_LOW, TokenLossOptions, pg_token_terms, resolve_backend
 
 GRPO_LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo")
 
 
 def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, ref_logprobs: torch.Tensor | None,
               advantages: torch.Tensor, mask: torch.Tensor, *, beta: float = 0.0, epsilon: float = 0.2,
-              epsilon_high: float | None = None, loss_type: str = "dapo", max_completion_length: int | None = None
-              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              epsilon_high: float | None = None, loss_type: str = "dapo", max_completion_length: int | None = None,
+              backend: str = "auto") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO loss of one batch of completions.
 
     Args:
@@ -49,6 +52,8 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, ref_log
         epsilon_high: ε_high (DAPO's clip-higher); None means ε_low.
         loss_type: ``"dapo"``, ``"grpo"``, ``"bnpo"`` or ``"dr_grpo"`` (see the module docstring).
         max_completion_length: the normaliser of ``dr_grpo``; None means T (the padded length).
+        backend: the token pass (`alignfast.losses.pg_token`): ``"auto"``, ``"torch"``, ``"triton"``,
+            ``"cpp"`` or ``"cuda"``.
 
     Returns:
         (loss, metrics): loss a 0-dim tensor; metrics detached 0-dim tensors, masked token means as
@@ -75,21 +80,13 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, ref_log
         check_positive("max_completion_length", max_completion_length)
 
     dtype = compute_dtype(logprobs, old_logprobs, ref_logprobs, advantages)
-    logp = logprobs.to(dtype)
-    old = logp.detach() if old_logprobs is None else old_logprobs.detach().to(dtype)
-    adv = advantages.detach().to(dtype)
-    if adv.dim() == 1:
-        adv = adv.unsqueeze(1)
-    m = mask.to(dtype)
     eps_high = epsilon if epsilon_high is None else epsilon_high
-
-    ratio = torch.exp(logp - old)
-    per_token = -torch.minimum(ratio * adv, ratio.clamp(1.0 - epsilon, 1.0 + eps_high) * adv)
-    kl = None
-    if ref_logprobs is not None:
-        kl = token_kl(logp, ref_logprobs.detach(), estimator="k3")
-        if beta > 0:
-            per_token = per_token + beta * kl
+    opts = TokenLossOptions(ratio_low=1.0 - epsilon, ratio_high=1.0 + eps_high, kl_estimator="k3",
+                            kl_coef=float(beta), backend=resolve_backend(backend, logprobs.device))
+    terms = pg_token_terms(logprobs.to(dtype), None if old_logprobs is None else old_logprobs.to(dtype),
+                           None if ref_logprobs is None else ref_logprobs.to(dtype), advantages.to(dtype), mask, opts)
+    per_token = terms.loss
+    m = mask.to(dtype)
 
     if loss_type == "grpo":
         loss = masked_row_mean(per_token, m).mean()
@@ -100,13 +97,11 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, ref_log
         loss = masked_mean(per_token, m)
 
     with torch.no_grad():
-        low = (ratio < 1.0 - epsilon) & (adv < 0)
-        high = (ratio > 1.0 + eps_high) & (adv > 0)
         metrics = {
-            "clip_ratio/low_mean": masked_mean(low.to(dtype), m),
-            "clip_ratio/high_mean": masked_mean(high.to(dtype), m),
-            "clip_ratio/region_mean": masked_mean((low | high).to(dtype), m),
+            "clip_ratio/low_mean": terms.flag_mean(CLIP_LOW, m),
+            "clip_ratio/high_mean": terms.flag_mean(CLIP_HIGH, m),
+            "clip_ratio/region_mean": terms.flag_mean(CLIP_LOW | CLIP_HIGH, m),
         }
-        if kl is not None:
-            metrics["kl"] = masked_mean(kl, m)
+        if terms.kl is not None:
+            metrics["kl"] = masked_mean(terms.kl, m)
     return loss, metrics

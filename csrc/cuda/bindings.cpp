@@ -1,4 +1,5 @@
-// Registers the CUDA row kernels (row_kernels.cu) and the GAE scan (gae.cu) for the `alignfast` operators declared in
+// Registers the CUDA row kernels (row_kernels.cu), the GAE scan (gae.cu) and the PPO/GRPO token pass
+// (pg_token_loss.cu) for the `alignfast` operators declared in
 // ../alignfast.cpp. Compiled only in CUDA builds (setup.py globs csrc/cuda/*.cpp then).
 // The checks are those of the CPU registration (../row_ops.h); the launch runs on torch's
 // current stream of z's device.
@@ -8,8 +9,10 @@
 #include <torch/library.h>
 
 #include "../gae_ops.h"
+#include "../pg_token_loss_ops.h"
 #include "../row_ops.h"
 #include "gae.cuh"
+#include "pg_token_loss.cuh"
 #include "row_kernels.cuh"
 
 namespace alignfast {
@@ -45,6 +48,18 @@ std::tuple<at::Tensor, at::Tensor> gae_scan_cuda_op(const at::Tensor& rewards, c
   });
 }
 
+PgTokenOutputs pg_token_loss_cuda_op(const at::Tensor& logp, const std::optional<at::Tensor>& old_logp,
+                                     const std::optional<at::Tensor>& ref_logp, const at::Tensor& advantages,
+                                     const at::Tensor& valid, double ratio_low, double ratio_high,
+                                     std::optional<double> dual_clip, std::optional<double> log_ratio_clamp,
+                                     std::optional<std::string> kl_estimator, double kl_coef) {
+  const c10::cuda::OptionalCUDAGuard guard(logp.device());
+  return pg_token_loss(logp, old_logp, ref_logp, advantages, valid, ratio_low, ratio_high, dual_clip,
+                       log_ratio_clamp, kl_estimator, kl_coef, c10::DeviceType::CUDA, [](const auto& p) {
+                         C10_CUDA_CHECK(pg_token_loss_cuda(p, c10::cuda::getCurrentCUDAStream().stream()));
+                       });
+}
+
 }  // namespace
 }  // namespace alignfast
 
@@ -52,4 +67,5 @@ TORCH_LIBRARY_IMPL(alignfast, CUDA, m) {
   m.impl("logprob_rows_stats", &alignfast::logprob_rows_stats_cuda_op);
   m.impl("logprob_rows_grad_", &alignfast::logprob_rows_grad_cuda_op);
   m.impl("gae_scan", &alignfast::gae_scan_cuda_op);
+  m.impl("pg_token_loss", &alignfast::pg_token_loss_cuda_op);
 }

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from helpers import assert_close
 
 import alignfast.ops.chunked as chunked
+from alignfast import dispatch
 from alignfast.losses._reductions import aggregate, masked_mean
 from alignfast.losses.fused_rl import LinearGRPOLoss, LinearPPOLoss
 from alignfast.losses.grpo import grpo_loss
@@ -153,3 +154,58 @@ def test_bad_input():
     with pytest.raises(ValueError, match="ref_logps"):
         LinearPPOLoss(kl_coef=0.1)(policy["hidden"], policy["weight"], labels, extra["old_logprobs"],
                                    extra["advantages_tok"], ref_logps=torch.zeros(B))
+
+
+def full_kl(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels):
+    """Oracle: KL(π‖π_ref) per token over the whole vocabulary, from float64 logits; 0 at ignored positions."""
+    logp = F.log_softmax(hidden.double() @ weight.double().t() + bias.double(), -1)
+    logq = F.log_softmax(ref_hidden.double() @ ref_weight.double().t() + ref_bias.double(), -1)
+    return (logp.exp() * (logp - logq)).sum(-1) * (labels != -100)
+
+
+FULL_SETTINGS = [("token-mean", FP64, "chunked", 0.5), ("seq-mean-token-sum", FP64, "chunked", 0.2),
+                 ("seq-mean-token-mean", FP64, "cpp", 0.3), ("token-mean", FP32, "chunked", 0.5),
+                 ("token-mean", FP64, "chunked", 0.0)]
+
+
+@pytest.mark.parametrize("agg,dtype,backend,kl_coef", FULL_SETTINGS,
+                         ids=[f"{a}-{'fp64' if d == FP64 else 'fp32'}-{b}-kl{c}" for a, d, b, c in FULL_SETTINGS])
+def test_ppo_full_vocab_kl(agg, dtype, backend, kl_coef):
+    if backend not in dispatch.backends("cpu"):
+        pytest.skip(f"backend {backend!r} is not built here")
+    policy, ref, labels, extra = make_rollout(dtype)
+    leaves = {k: v.requires_grad_() for k, v in policy.items()}
+    module = LinearPPOLoss(kl_estimator="full", kl_coef=kl_coef, loss_agg=agg, backend=backend, chunk_size=7)
+    loss, metrics = module(leaves["hidden"], leaves["weight"], labels, extra["old_logprobs"], extra["advantages_tok"],
+                           leaves["bias"], **ref)
+
+    oracle = {k: v.detach().double().requires_grad_() for k, v in policy.items()}
+    lp, _ = token_stats(*oracle.values(), labels)
+    mask = labels != -100
+    kl = full_kl(*oracle.values(), *ref.values(), labels)
+    pg, _ = ppo_policy_loss(lp, extra["old_logprobs"].double(), extra["advantages_tok"].double(), mask,
+                            loss_agg=agg, backend="torch")
+    want = pg + kl_coef * aggregate(kl, mask.double(), agg)
+    rtol = 1e-10 if dtype == FP64 else 1e-5
+    assert_close(loss, want, rtol=rtol, name="loss")
+    for got, exp, name in zip(torch.autograd.grad(loss, list(leaves.values())),
+                              torch.autograd.grad(want, list(oracle.values())), leaves):
+        assert_close(got, exp, rtol=rtol, name=name)
+    assert_close(metrics["kl"], masked_mean(kl, mask.double()), rtol=rtol, name="kl metric")
+    assert_close(metrics["policy_loss"], pg, rtol=rtol, name="policy_loss metric")
+
+
+def test_ppo_full_vocab_kl_needs_reference_heads():
+    policy, ref, labels, extra = make_rollout(FP64)
+    args = (policy["hidden"], policy["weight"], labels, extra["old_logprobs"], extra["advantages_tok"])
+    full = LinearPPOLoss(kl_estimator="full", kl_coef=0.1)
+    with pytest.raises(ValueError, match="ref_hidden and ref_weight"):
+        full(*args)
+    with pytest.raises(ValueError, match="ref_hidden and ref_weight.*ref_logps"):
+        full(*args, ref_logps=token_stats(*ref.values(), labels)[0])
+    with pytest.raises(ValueError, match="ref_hidden and ref_weight"):
+        full(*args, ref_hidden=ref["ref_hidden"])
+    with pytest.raises(ValueError, match="softcap"):
+        LinearPPOLoss(kl_estimator="full", softcap=30.0)
+    with pytest.raises(ValueError, match="kl_estimator='k4'.*'full'"):
+        LinearPPOLoss(kl_estimator="k4")
