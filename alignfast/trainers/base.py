@@ -309,11 +309,19 @@ class Trainer:
     # ---- checkpoints -----------------------------------------------------------------------------
     def save_checkpoint(self) -> str:
         state = {"run_id": self.run_id, "config_hash": self.cfg.config_hash(), "stage": self.cfg.stage,
-                 "skipped_steps": self.skipped_steps, "total_steps": self.total_steps}
+                 "skipped_steps": self.skipped_steps, "total_steps": self.total_steps, **self.extra_state()}
         return ckpt.save_checkpoint(self.accelerator, self.cfg.output_dir, self.step,
                                     model=self.accelerator.unwrap_model(self.model), optimizer=self.optimizer,
                                     scheduler=self.scheduler, state=state, config=self.cfg.to_dict(),
                                     keep=self.cfg.save_total_limit)
+
+    def extra_state(self) -> dict:
+        """A stage's own training state (JSON values, e.g. PPO's adaptive β), saved in the checkpoint's
+        trainer_state.json and handed back to `load_extra_state` on resume."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restores what `extra_state` saved (`state`: the checkpoint's whole trainer state)."""
 
     def _maybe_resume(self) -> int | None:
         if not self.cfg.resume_from:
@@ -323,6 +331,7 @@ class Trainer:
                                      optimizer=self.optimizer, scheduler=self.scheduler,
                                      config_hash=self.cfg.config_hash())
         self.step, self.skipped_steps = state["step"], state.get("skipped_steps", 0)
+        self.load_extra_state(state)
         logger.info("resumed from %s at step %d", path, self.step)
         return self.step
 

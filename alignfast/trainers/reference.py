@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from alignfast.trainers.modeling import HiddenStatesModel, frozen_copy, load_causal_lm
+from alignfast.trainers.modeling import Head, HiddenStatesModel, frozen_copy, load_causal_lm
 from alignfast.trainers.sequence import sequence_logps, token_logps
 
 
@@ -45,6 +45,15 @@ class ReferencePolicy:
             with self.policy.causal_lm.disable_adapter():
                 return token_logps(self.policy, input_ids, attention_mask, labels, **kw)[0]
         return token_logps(self.model, input_ids, attention_mask, labels, **kw)[0]
+
+    @torch.no_grad()
+    def hidden_states(self, input_ids, attention_mask) -> tuple[torch.Tensor, Head]:
+        """The reference's last hidden states [B, T, H] and its output head: what the full-vocab KL
+        (`linear_kl`) and the reference log-probs of one forward need."""
+        if self.model is None:
+            with self.policy.causal_lm.disable_adapter():
+                return self.policy(input_ids, attention_mask), self.policy.head()
+        return self.model(input_ids, attention_mask), self.model.head()
 
     @torch.no_grad()
     def precompute(self, examples: list[dict], collator, fields: dict[str, tuple[str, ...]], batch_size: int):
