@@ -1,4 +1,5 @@
-"""The `alignfast` command: --help lists every option, bad values exit early, a tiny run, the demo."""
+"""The `alignfast` command: --help lists every option, bad values exit early, a tiny run, the kernel
+comparison, the demo's arguments (the demo itself: tests/demo)."""
 import json
 import os
 import subprocess
@@ -57,12 +58,22 @@ def test_examples_parse():
         assert keys <= {name for name, _, _ in STAGES[stage][0].options()}, path
 
 
-def test_demo_runs_small():
-    out = subprocess.run([sys.executable, "-m", "alignfast.cli", "demo", "--tokens", "64", "--hidden", "32",
+def test_compare_runs_small():
+    out = subprocess.run([sys.executable, "-m", "alignfast.cli", "compare", "--tokens", "64", "--hidden", "32",
                           "--vocab", "500"], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr
     assert "reference" in out.stdout and "chunked" in out.stdout
+
+
+def test_demo_arguments():
+    parser = build_parser()
+    args = parser.parse_args(["demo"])
+    assert (args.output_dir, args.quick, args.seed) == ("outputs/demo", False, 0)
+    args = parser.parse_args(["demo", "--output-dir", "d", "--quick", "--seed", "3"])
+    assert (args.output_dir, args.quick, args.seed) == ("d", True, 3)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["demo", "--tokens", "64"])  # the kernel table's flags belong to `compare`
 
 
 def test_parser_has_all_stages():

@@ -1,0 +1,138 @@
+"""The demo's report: demo.md (the before/after table, the models' answers, the settings) and PNG plots
+of each stage's training curves, read from its metrics.jsonl (matplotlib, Agg backend: no display).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+# (stage directory, title, panels): each panel is (y label, metric keys of metrics.jsonl drawn on it);
+# the first panel is the stage's headline curve (the one the overview shows).
+CURVES = (
+    ("sft", "SFT", [("cross-entropy", ["loss"])]),
+    ("reward", "Reward model", [("train accuracy", ["accuracy"]), ("Bradley-Terry loss", ["loss"])]),
+    ("dpo", "DPO", [("train implicit accuracy", ["rewards/accuracies"]), ("DPO loss", ["loss"])]),
+    ("kto", "KTO", [("implicit reward", ["rewards/chosen", "rewards/rejected"]), ("KTO loss", ["loss"])]),
+    ("ppo", "PPO", [("score (RM + task reward)", ["objective/scores"]), ("KL to SFT", ["objective/kl"])]),
+    ("grpo", "GRPO", [("mean task reward", ["reward"]), ("completion length", ["completion_length"])]),
+    ("cai/sl", "CAI: SL (SFT on revisions)", [("cross-entropy", ["loss"])]),
+    ("cai/rl", "CAI: RL (DPO on AI labels)", [("train implicit accuracy", ["rewards/accuracies"]),
+                                              ("DPO loss", ["loss"])]),
+)
+OVERVIEW = "training_curves.png"
+
+
+def read_metrics(path: str, split: str = "train") -> list[dict]:
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [row for row in map(json.loads, filter(str.strip, f)) if row.get("split") == split]
+
+
+def plot_file(stage_dir: str) -> str:
+    return f"curves_{stage_dir.replace('/', '_')}.png"
+
+
+def write_plots(output_dir: str) -> list[str]:
+    """One PNG per stage (its curves side by side) and an overview of all stages; returns the file names
+    (none without matplotlib)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return []
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written, panels = [], []
+    for stage_dir, title, series in CURVES:
+        rows = read_metrics(os.path.join(output_dir, stage_dir, "metrics.jsonl"))
+        found = [(label, keys) for label, keys in series if any(k in r for k in keys for r in rows)]
+        if not found:
+            continue
+        panels.append((title, rows, found))
+        fig, axes = plt.subplots(1, len(found), figsize=(4.2 * len(found), 3.2), squeeze=False)
+        for ax, (label, keys) in zip(axes[0], found):
+            _plot(ax, rows, keys, label)
+        fig.suptitle(title)
+        fig.tight_layout()
+        fig.savefig(os.path.join(output_dir, plot_file(stage_dir)), dpi=100)
+        plt.close(fig)
+        written.append(plot_file(stage_dir))
+    if panels:
+        cols = 4
+        nrows = -(-len(panels) // cols)
+        fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
+        for ax, (title, rows, found) in zip(axes.flat, panels):
+            label, keys = found[0]  # the stage's headline curve
+            _plot(ax, rows, keys, label)
+            ax.set_title(title, fontsize=10)
+        for ax in list(axes.flat)[len(panels):]:
+            ax.axis("off")
+        fig.tight_layout()
+        fig.savefig(os.path.join(output_dir, OVERVIEW), dpi=100)
+        plt.close(fig)
+        written.insert(0, OVERVIEW)
+    return written
+
+
+def _plot(ax, rows, keys, label) -> None:
+    for key in keys:
+        points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        ax.plot([s for s, _ in points], [v for _, v in points], marker=".", linewidth=1.2, label=key)
+    if len(keys) > 1:
+        ax.legend(fontsize=8)
+    ax.set_xlabel("step")
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.2f}" if abs(x) < 100 else f"{x:.0f}"
+
+
+def markdown(result, plots: list[str]) -> str:
+    lines = ["# alignfast demo: post-training a tiny Llama on a verifiable task", "",
+             "Task: reverse a 3-6 letter word (`reverse hbdf:` -> `It is fdbh.`). The SFT demonstrations give "
+             "the right answer but mostly curtly (`fdbh!!`); the preference data, the reward and the "
+             "constitution prefer the right answer in a full sentence without exclamation marks. "
+             f"Held-out: {result.held_out} words never trained on. "
+             f"Model: a Llama (hidden 64, 2 layers) and a char-level tokenizer built from code, seed {result.seed}"
+             + (", shortened run (`--quick`)." if result.quick else "."), "",
+             "| stage | held-out metric | before | after | change |", "| --- | --- | ---: | ---: | ---: |"]
+    for r in result.rows:
+        lines.append(f"| {r.stage} | {r.metric} | {_fmt(r.before)} | {_fmt(r.after)} | {r.change:+.2f} |")
+    lines += ["", "Before: the model the stage starts from (SFT: the random init; RM: the SFT backbone with an "
+              "untrained score head; DPO/KTO/CAI: the SFT model judged against itself, ties count half, so 0.50; "
+              "PPO/GRPO: samples of the SFT model). Implicit reward: β·log π(y|x)/π_ref(y|x), with the SFT model as "
+              "π_ref, on held-out (chosen, rejected) pairs. Mean reward and KL: two samples per held-out prompt "
+              "at temperature 1; KL = mean of Σ_t log π − log π_ref over them. Win rate: greedy answers, "
+              "the constitution's three principles each judged in both orders.", ""]
+    if result.policies:
+        lines += ["## Greedy answers on held-out prompts", "",
+                  "| model | correct | full sentence | " + " | ".join(f"`{p}`" for p in result.examples) + " |",
+                  "| --- | ---: | ---: | " + " | ".join("---" for _ in result.examples) + " |"]
+        for name, m in result.policies.items():
+            shown = " | ".join(f"`{t}`" if t else "(empty)" for t in m["responses"][:len(result.examples)])
+            lines.append(f"| {name} | {m['accuracy']:.2f} | {m['well_formed']:.2f} | {shown} |")
+        lines.append("")
+    lines += ["## Training curves", ""]
+    lines += [f"![{p}]({p})" for p in plots] if plots else ["(no plots: matplotlib is not installed)"]
+    lines.append("")
+    lines += ["## Settings", "", "| stage | options | wall time (s) |", "| --- | --- | ---: |"]
+    for stage, options in result.settings.items():
+        shown = ", ".join(f"{k}={v}" for k, v in options.items() if k not in ("disable_tqdm", "save_total_limit",
+                                                                            "logging_steps", "constitution"))
+        lines.append(f"| {stage} | {shown} | {result.seconds.get(stage, 0):.0f} |")
+    total = sum(result.seconds.values())
+    lines += ["", f"Total wall time: {total:.0f} s.", ""]
+    return "\n".join(lines)
+
+
+def write_report(result) -> str:
+    """Writes demo.md and the plots into result.output_dir; returns demo.md's path."""
+    plots = write_plots(result.output_dir)
+    path = os.path.join(result.output_dir, "demo.md")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(markdown(result, plots))
+    return path
