@@ -81,11 +81,8 @@ def run_train(args) -> int:
 # ---- demo ---------------------------------------------------------------------------------------
 def run_demo(args) -> int:
     """The pipeline demo (alignfast.demo): prints each stage's metrics as it goes, then the table."""
-    import logging
-
     from alignfast.demo import run_demo as demo
 
-    logging.getLogger("alignfast").setLevel(logging.WARNING)
     result = demo(args.output_dir, quick=args.quick, seed=args.seed)
     width = max(len(r.metric) for r in result.rows)
     print(f"\n{'stage':<6} {'held-out metric':<{width}} {'before':>8} {'after':>8}")

@@ -54,7 +54,7 @@ MAX_LENGTH = 32
 
 def stage_options(stage: str, sizes: Sizes, seed: int) -> dict:
     """The options of one stage (config keys -> values), besides model, data and output_dir."""
-    common = {"seed": seed, "max_length": MAX_LENGTH, "logging_steps": 5,
+    common = {"seed": seed, "max_length": MAX_LENGTH, "logging_steps": 1,
               "save_total_limit": 1, "lr_scheduler": "cosine", "warmup_steps": 5}
     online = {"max_new_tokens": MAX_NEW_TOKENS, "temperature": 1.0}
     return {

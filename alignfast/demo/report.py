@@ -76,10 +76,20 @@ def write_plots(output_dir: str) -> list[str]:
     return written
 
 
+def smooth(values: list[float], window: int) -> list[float]:
+    """Centred moving average over `window` points (fewer at the ends)."""
+    half = window // 2
+    return [sum(values[max(0, i - half):i + half + 1]) / len(values[max(0, i - half):i + half + 1])
+            for i in range(len(values))]
+
+
 def _plot(ax, rows, keys, label) -> None:
-    for key in keys:
+    """Each key's values against the step: the raw points faint, a moving average over them."""
+    for color, key in zip(("C0", "C1", "C2"), keys):
         points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
-        ax.plot([s for s, _ in points], [v for _, v in points], marker=".", linewidth=1.2, label=key)
+        steps, values = [s for s, _ in points], [v for _, v in points]
+        ax.plot(steps, values, color=color, alpha=0.3, linewidth=0.8)
+        ax.plot(steps, smooth(values, max(1, len(values) // 12)), color=color, linewidth=1.6, label=key)
     if len(keys) > 1:
         ax.legend(fontsize=8)
     ax.set_xlabel("step")
@@ -117,7 +127,11 @@ def markdown(result, plots: list[str]) -> str:
             lines.append(f"| {name} | {m['accuracy']:.2f} | {m['well_formed']:.2f} | {shown} |")
         lines.append("")
     lines += ["## Training curves", ""]
-    lines += [f"![{p}]({p})" for p in plots] if plots else ["(no plots: matplotlib is not installed)"]
+    if plots:
+        lines += [f"![training curves]({plots[0]})", "",
+                  "Each stage's curves, beside this file: " + ", ".join(f"`{p}`" for p in plots[1:]) + "."]
+    else:
+        lines.append("(no plots: matplotlib is not installed)")
     lines.append("")
     lines += ["## Settings", "", "| stage | options | wall time (s) |", "| --- | --- | ---: |"]
     for stage, options in result.settings.items():
