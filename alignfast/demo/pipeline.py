@@ -272,9 +272,9 @@ def run_demo(output_dir: str = "outputs/demo", *, quick: bool = False, seed: int
     try:
         with quiet_transformers():
             result = Pipeline(output_dir, quick=quick, seed=seed, log=log).run()
+        write_report(result)
     finally:
         torch.set_num_threads(previous)
-    write_report(result)
     return result
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+
+import torch
 
 # (stage directory, title, panels): each panel is (y label, metric keys of metrics.jsonl drawn on it);
 # the first panel is the stage's headline curve (the one the overview shows).
@@ -112,12 +115,22 @@ def markdown(result, plots: list[str]) -> str:
              "| stage | held-out metric | before | after | change |", "| --- | --- | ---: | ---: | ---: |"]
     for r in result.rows:
         lines.append(f"| {r.stage} | {r.metric} | {_fmt(r.before)} | {_fmt(r.after)} | {r.change:+.2f} |")
-    lines += ["", "Before: the model the stage starts from (SFT: the random init; RM: the SFT backbone with an "
-              "untrained score head; DPO/KTO/CAI: the SFT model judged against itself, ties count half, so 0.50; "
-              "PPO/GRPO: samples of the SFT model). Implicit reward: β·log π(y|x)/π_ref(y|x), with the SFT model as "
-              "π_ref, on held-out (chosen, rejected) pairs. Mean reward and KL: two samples per held-out prompt "
-              "at temperature 1; KL = mean of Σ_t log π − log π_ref over them. Win rate: greedy answers, "
-              "the constitution's three principles each judged in both orders.", ""]
+    lines += ["", "How each number is measured (held-out prompts and pairs only; \"before\" is the model the stage "
+              "starts from):", "",
+              "- SFT: greedy answers that give the right reversal, in either form; before: the random init.",
+              "- RM (trained on preference pairs from the SFT model): held-out pairs where r(chosen) > r(rejected); "
+              "the score head starts at zero, so every pair ties before (ties count half: 0.50).",
+              "- DPO, KTO: held-out pairs where the implicit reward β·log π(y|x)/π_ref(y|x), π_ref = the SFT model, "
+              "ranks the chosen completion above the rejected one (KTO trains on unpaired good/bad examples); "
+              "before: the SFT model against itself, all ties, 0.50.",
+              "- PPO (rewards: the RM's score + the task reward), GRPO (the task reward): two samples per prompt at "
+              "temperature 1; task reward 1 for the right reversal in a full sentence, 0.5 for it in another form, "
+              "0 otherwise; KL = the mean over the samples of Σ_t log π(y_t) − log π_SFT(y_t).",
+              "- CAI (SL: two critique/revision rounds by a rule-based feedback model of a three-principle "
+              "constitution — full sentence, no exclamation marks, correct reversal — then SFT on the revisions; "
+              "RL: DPO on pairs the same judge labels): prompts where the judge prefers the CAI model's greedy "
+              "answer to the SFT model's, averaged over the principles, each judged in both orders; ties count "
+              "half, so the SFT model against itself is 0.50.", ""]
     if result.policies:
         lines += ["## Greedy answers on held-out prompts", "",
                   "| model | correct | full sentence | " + " | ".join(f"`{p}`" for p in result.examples) + " |",
@@ -139,7 +152,8 @@ def markdown(result, plots: list[str]) -> str:
                                                                             "logging_steps", "constitution"))
         lines.append(f"| {stage} | {shown} | {result.seconds.get(stage, 0):.0f} |")
     total = sum(result.seconds.values())
-    lines += ["", f"Total wall time: {total:.0f} s.", ""]
+    lines += ["", f"Total wall time: {total:.0f} s (torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+              f"{platform.machine()} CPU).", ""]
     return "\n".join(lines)
 
 
