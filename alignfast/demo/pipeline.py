@@ -95,6 +95,7 @@ class DemoResult:
     quick: bool
     seed: int
     held_out: int  # held-out problems
+    train: int  # training problems (every stage's records are drawn from them)
     rows: list[Row] = field(default_factory=list)
     policies: dict = field(default_factory=dict)  # model name -> {"accuracy", "well_formed", "responses"}
     examples: list[str] = field(default_factory=list)  # the held-out prompts the report shows answers for
@@ -114,7 +115,8 @@ class Pipeline:
         self.train_problems, self.held_out = train, held_out
         self.eval_prompts = task.prompt_records(held_out)
         self.eval_pairs = task.preference_records(held_out, seed=seed + 1)
-        self.result = DemoResult(output_dir, quick, seed, len(held_out), examples=[p.prompt for p in held_out[:6]])
+        self.result = DemoResult(output_dir, quick, seed, len(held_out), len(train),
+                                 examples=[p.prompt for p in held_out[:6]])
 
     # ---- helpers ---------------------------------------------------------------------------------
     def path(self, *parts) -> str:

@@ -118,7 +118,7 @@ def markdown(result, plots: list[str]) -> str:
     lines += ["", "How each number is measured (held-out prompts and pairs only; \"before\" is the model the stage "
               "starts from):", "",
               "- SFT: greedy answers that give the right reversal, in either form; before: the random init.",
-              "- RM (trained on preference pairs from the SFT model): held-out pairs where r(chosen) > r(rejected); "
+              "- RM (the SFT model with a score head, trained on preference pairs): held-out pairs where r(chosen) > r(rejected); "
               "the score head starts at zero, so every pair ties before (ties count half: 0.50).",
               "- DPO, KTO: held-out pairs where the implicit reward β·log π(y|x)/π_ref(y|x), π_ref = the SFT model, "
               "ranks the chosen completion above the rejected one (KTO trains on unpaired good/bad examples); "
@@ -142,11 +142,14 @@ def markdown(result, plots: list[str]) -> str:
     lines += ["## Training curves", ""]
     if plots:
         lines += [f"![training curves]({plots[0]})", "",
-                  "Each stage's curves, beside this file: " + ", ".join(f"`{p}`" for p in plots[1:]) + "."]
+                  "Each stage's curves, in the demo's output directory: " + ", ".join(f"`{p}`" for p in plots[1:]) + "."]
     else:
         lines.append("(no plots: matplotlib is not installed)")
     lines.append("")
-    lines += ["## Settings", "", "| stage | options | wall time (s) |", "| --- | --- | ---: |"]
+    lines += ["## Settings", "", f"Data: {result.train} training words, one record each per data kind (SFT "
+              "demonstrations, preference pairs, unpaired examples, prompts with their answers); CAI samples its own "
+              "responses to a subset of the prompts. Every stage after SFT starts from the SFT model.", "",
+              "| stage | options | wall time (s) |", "| --- | --- | ---: |"]
     for stage, options in result.settings.items():
         shown = ", ".join(f"{k}={v}" for k, v in options.items() if k not in ("disable_tqdm", "save_total_limit",
                                                                             "logging_steps", "constitution"))
