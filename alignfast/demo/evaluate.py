@@ -16,12 +16,11 @@ import torch
 
 from alignfast.data import PreferenceCollator, prepare_dataset
 from alignfast.data.collators import encode_rows
+from alignfast.demo.task import is_correct, is_well_formed
 from alignfast.trainers.feedback import feedback_call
 from alignfast.trainers.generation import Sampling, sample_completions
 from alignfast.trainers.modeling import HiddenStatesModel
 from alignfast.trainers.sequence import sequence_logps, token_logps
-
-from alignfast.demo.task import is_correct, is_well_formed
 
 BATCH = 64
 
@@ -59,9 +58,10 @@ def reward_accuracy(reward_model, tokenizer, records: list[dict]) -> float:
     """reward_model: a `ScalarHeadModel`; records: preference records."""
     was_training = reward_model.training
     reward_model.eval()
+    device = next(reward_model.parameters()).device
     chosen, rejected = [], []
     for batch in _pair_batches(records, tokenizer):
-        c, r = reward_model(batch["input_ids"], batch["attention_mask"]).chunk(2)
+        c, r = reward_model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).cpu().chunk(2)
         chosen.append(c), rejected.append(r)
     reward_model.train(was_training)
     return ranked(torch.cat(chosen), torch.cat(rejected))
@@ -121,8 +121,9 @@ def win_rate(feedback, principles, prompts: list[str], baseline: list[str], cand
     P(candidate better) is averaged over the principles, each judged in both orders (the A/B position
     bias cancels): ½·[compare(cand, base) + 1 − compare(base, cand)]. A win is P > ½, a tie counts half."""
     p = torch.zeros(len(prompts), dtype=torch.float64)
+    triples = list(zip(prompts, baseline, candidate))
     for principle in principles:
-        forward = feedback_call(feedback, "compare", [(q, c, b, principle) for q, b, c in zip(prompts, baseline, candidate)])
-        swapped = feedback_call(feedback, "compare", [(q, b, c, principle) for q, b, c in zip(prompts, baseline, candidate)])
+        forward = feedback_call(feedback, "compare", [(q, c, b, principle) for q, b, c in triples])
+        swapped = feedback_call(feedback, "compare", [(q, b, c, principle) for q, b, c in triples])
         p += 0.5 * (torch.tensor(forward, dtype=torch.float64) + 1.0 - torch.tensor(swapped, dtype=torch.float64))
     return ranked(p / len(principles), torch.full_like(p, 0.5))

@@ -6,7 +6,8 @@ before and after (alignfast.demo.evaluate), each stage's run in its own director
     <output_dir>/demo.md, *.png                                the report (alignfast.demo.report)
 
 Every stage's configuration is built here in code (`stage_options`); `quick=True` runs a shortened
-demo (less data, fewer steps) for the tests.
+demo (less data, fewer steps) for the tests. The stages run on the CPU even where a GPU is present
+(`cpu=True`): the models are tiny, and the numbers are the same on every machine for a seed.
 """
 from __future__ import annotations
 
@@ -48,13 +49,14 @@ FULL = Sizes()
 QUICK = Sizes(n_train=2000, n_eval=128, reward_steps=60, dpo_steps=30, kto_steps=30, ppo_steps=40, grpo_steps=40,
               cai_prompts=256, cai_sl_steps=20, cai_rl_steps=8)
 
+HIDDEN_SIZE, NUM_LAYERS = 64, 2  # the tiny Llama (alignfast.models.tiny)
 MAX_NEW_TOKENS = 16  # "It is abcdef." plus EOS is 14 tokens
 MAX_LENGTH = 32
 
 
 def stage_options(stage: str, sizes: Sizes, seed: int) -> dict:
     """The options of one stage (config keys -> values), besides model, data and output_dir."""
-    common = {"seed": seed, "max_length": MAX_LENGTH, "logging_steps": 1,
+    common = {"seed": seed, "cpu": True, "max_length": MAX_LENGTH, "logging_steps": 1,
               "save_total_limit": 1, "lr_scheduler": "cosine", "warmup_steps": 5}
     online = {"max_new_tokens": MAX_NEW_TOKENS, "temperature": 1.0}
     return {
@@ -96,6 +98,7 @@ class DemoResult:
     seed: int
     held_out: int  # held-out problems
     train: int  # training problems (every stage's records are drawn from them)
+    model: str = ""  # what the base model is
     rows: list[Row] = field(default_factory=list)
     policies: dict = field(default_factory=dict)  # model name -> {"accuracy", "well_formed", "responses"}
     examples: list[str] = field(default_factory=list)  # the held-out prompts the report shows answers for
@@ -150,7 +153,10 @@ class Pipeline:
     # ---- stages ----------------------------------------------------------------------------------
     def base(self) -> str:
         path = self.path("base")
-        tiny_llama(self.tokenizer, seed=self.seed).save_pretrained(path)
+        model = tiny_llama(self.tokenizer, hidden_size=HIDDEN_SIZE, num_layers=NUM_LAYERS, seed=self.seed)
+        self.result.model = (f"a Llama (hidden {HIDDEN_SIZE}, {NUM_LAYERS} layers, "
+                             f"{sum(p.numel() for p in model.parameters()) / 1e3:.0f}k parameters)")
+        model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
         return path
 

@@ -110,7 +110,7 @@ def markdown(result, plots: list[str]) -> str:
              "the right answer but mostly curtly (`fdbh!!`); the preference data, the reward and the "
              "constitution prefer the right answer in a full sentence without exclamation marks. "
              f"Held-out: {result.held_out} words never trained on. "
-             f"Model: a Llama (hidden 64, 2 layers) and a char-level tokenizer built from code, seed {result.seed}"
+             f"Model: {result.model} and a char-level tokenizer, built from code; seed {result.seed}"
              + (", shortened run (`--quick`)." if result.quick else "."), "",
              "| stage | held-out metric | before | after | change |", "| --- | --- | ---: | ---: | ---: |"]
     for r in result.rows:
@@ -118,10 +118,11 @@ def markdown(result, plots: list[str]) -> str:
     lines += ["", "How each number is measured (held-out prompts and pairs only; \"before\" is the model the stage "
               "starts from):", "",
               "- SFT: greedy answers that give the right reversal, in either form; before: the random init.",
-              "- RM (the SFT model with a score head, trained on preference pairs): held-out pairs where r(chosen) > r(rejected); "
-              "the score head starts at zero, so every pair ties before (ties count half: 0.50).",
-              "- DPO, KTO: held-out pairs where the implicit reward β·log π(y|x)/π_ref(y|x), π_ref = the SFT model, "
-              "ranks the chosen completion above the rejected one (KTO trains on unpaired good/bad examples); "
+              "- RM (the SFT model with a score head, trained on preference pairs): held-out pairs where "
+              "r(chosen) > r(rejected); the score head starts at zero, so every pair ties before (ties count half: "
+              "0.50).",
+              "- DPO, KTO: held-out pairs where the implicit reward β·log π(y|x)/π_ref(y|x), π_ref = the SFT "
+              "model, ranks the chosen completion above the rejected one (KTO trains on unpaired good/bad examples); "
               "before: the SFT model against itself, all ties, 0.50.",
               "- PPO (rewards: the RM's score + the task reward), GRPO (the task reward): two samples per prompt at "
               "temperature 1; task reward 1 for the right reversal in a full sentence, 0.5 for it in another form, "
@@ -141,8 +142,8 @@ def markdown(result, plots: list[str]) -> str:
         lines.append("")
     lines += ["## Training curves", ""]
     if plots:
-        lines += [f"![training curves]({plots[0]})", "",
-                  "Each stage's curves, in the demo's output directory: " + ", ".join(f"`{p}`" for p in plots[1:]) + "."]
+        lines += [f"![training curves]({plots[0]})", "", "Each stage's curves, in the demo's output directory: "
+                  + ", ".join(f"`{p}`" for p in plots[1:]) + "."]
     else:
         lines.append("(no plots: matplotlib is not installed)")
     lines.append("")
@@ -151,8 +152,8 @@ def markdown(result, plots: list[str]) -> str:
               "responses to a subset of the prompts. Every stage after SFT starts from the SFT model.", "",
               "| stage | options | wall time (s) |", "| --- | --- | ---: |"]
     for stage, options in result.settings.items():
-        shown = ", ".join(f"{k}={v}" for k, v in options.items() if k not in ("disable_tqdm", "save_total_limit",
-                                                                            "logging_steps", "constitution"))
+        shown = ", ".join(f"{k}={v}" for k, v in options.items()
+                          if k not in ("cpu", "save_total_limit", "logging_steps", "constitution"))
         lines.append(f"| {stage} | {shown} | {result.seconds.get(stage, 0):.0f} |")
     total = sum(result.seconds.values())
     lines += ["", f"Total wall time: {total:.0f} s (torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
