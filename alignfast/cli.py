@@ -1,6 +1,6 @@
 """The `alignfast` command.
 
-    alignfast train {sft,reward,dpo,kto} [--config cfg.yaml] [--model M] [--dataset D] [--output-dir O] [key=value ...]
+    alignfast train {sft,reward,dpo,kto,ppo,grpo,cai} [--config cfg.yaml] [--model M] [--dataset D] [--output-dir O] [key=value ...]
     alignfast demo [--output-dir DIR] [--quick] [--seed N]
                         SFT, reward model, PPO, DPO, KTO, GRPO and CAI on a tiny model and a synthetic
                         task, minutes on a CPU: held-out metrics before/after -> DIR/demo.md + plots
