@@ -107,5 +107,6 @@ OPS: dict[str, OpSpec] = {
     ),
     # policy: logits, grad_hidden, grad_weight (the gradient is known per pair in the forward);
     # reference: logits only
-    "dpo": OpSpec(naive=naive_dpo, fused=fused_dpo, floor_matmuls=4, make_inputs=dpo_inputs),
+    "dpo": OpSpec(naive=naive_dpo, fused=fused_dpo, floor_matmuls=4, make_inputs=dpo_inputs,
+                  third_party={"liger": third_party.liger_dpo, "trl": third_party.trl_dpo}),
 }

@@ -11,6 +11,9 @@ PACKAGES = {"liger": "liger_kernel", "trl": "trl", "cce": "cut_cross_entropy"}
 
 # TRL's default vocab tile (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE in TRL 1.16)
 TRL_VOCAB_CHUNK = 32768
+# Liger's chunked losses torch.compile their per-chunk step by default, as users run them; the
+# adapter test turns it off (same arithmetic, no ~30 s compile)
+LIGER_COMPILED = True
 
 
 def liger_cross_entropy(hidden, weight, targets):
@@ -30,6 +33,31 @@ def trl_logprobs(hidden, weight, targets):
 def trl_cross_entropy(hidden, weight, targets):
     """TRL's fused-lm-head SFT loss: the mean negative chunked log-prob (all targets valid here)."""
     return -trl_logprobs(hidden, weight, targets).mean()
+
+
+def _sigmoid_dpo(policy_logps, ref_logps, seq_len, beta):
+    logratio = (policy_logps - ref_logps).view(-1, seq_len).sum(-1)
+    chosen, rejected = logratio.chunk(2)
+    return -torch.nn.functional.logsigmoid(beta * (chosen - rejected)).mean()
+
+
+def trl_dpo(hidden, weight, targets, ref_hidden, ref_weight, seq_len, beta=0.1):
+    """DPO on TRL's chunked log-probs for the policy and (without gradient) the reference model."""
+    with torch.no_grad():
+        ref = trl_logprobs(ref_hidden, ref_weight, targets)
+    return _sigmoid_dpo(trl_logprobs(hidden, weight, targets), ref, seq_len, beta)
+
+
+def liger_dpo(hidden, weight, targets, ref_hidden, ref_weight, seq_len, beta=0.1):
+    """Liger-Kernel's LigerFusedLinearDPOLoss (torch.compile'd chunks of one pair; the policy's
+    gradient formed in the forward, the reference's logits under no_grad). It runs on a CPU."""
+    from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+    h = hidden.shape[-1]
+    loss = LigerFusedLinearDPOLoss(beta=beta, compiled=LIGER_COMPILED)(
+        weight, hidden.view(-1, seq_len, h), targets.view(-1, seq_len),
+        ref_input=ref_hidden.view(-1, seq_len, h), ref_weight=ref_weight)
+    return loss[0]
 
 
 def cce_cross_entropy(hidden, weight, targets):
