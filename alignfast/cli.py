@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--config", help="YAML file of options (read with yaml.safe_load)")
         p.add_argument("--model", help="model directory (option `model`)")
-        p.add_argument("--dataset", help="training data file (option `dataset`)")
+        p.add_argument("--dataset", help="training data: a file, a datasets directory or a hub id (option `dataset`)")
         p.add_argument("--output-dir", dest="output_dir", help="output directory (option `output_dir`)")
         p.add_argument("--resume", dest="resume_from", nargs="?", const="latest",
                        help="resume from a checkpoint directory (default: the latest in output_dir)")

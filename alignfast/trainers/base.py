@@ -127,7 +127,8 @@ class Trainer:
         return self.cfg.per_device_batch_size * self.cfg.gradient_accumulation_steps * self.accelerator.num_processes
 
     def _prepare(self, source, what: str):
-        records = load_records(source)
+        split = self.cfg.dataset_split if what == "dataset" else self.cfg.eval_split
+        records = load_records(source, split)
         return prepare_dataset(records, self.data_kind, self.tokenizer, max_length=self.cfg.max_length,
                                on_bad_record=self.cfg.on_bad_record).examples
 

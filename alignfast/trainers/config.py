@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from alignfast.data.sources import is_hub_id
+
 SCHEDULERS = ("linear", "cosine", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
 REPORT_TO = ("jsonl", "tensorboard", "wandb")
@@ -40,8 +42,11 @@ class TrainConfig:
     # model and data
     model: str | None = opt(None, "local directory (or hub id) of a Hugging Face causal LM")
     tokenizer: str | None = opt(None, "tokenizer directory; default: the model's")
-    dataset: str | None = opt(None, "local .jsonl/.json/.parquet file in TRL's column conventions")
-    eval_dataset: str | None = opt(None, "held-out file; default: `eval_fraction` of `dataset`")
+    dataset: str | None = opt(None, "local .jsonl/.json/.parquet file, a `datasets` directory or a hub id, "
+                                    "in TRL's column conventions")
+    dataset_split: str = opt("train", "the split of a hub dataset or a saved DatasetDict")
+    eval_dataset: str | None = opt(None, "held-out data (as `dataset`); default: `eval_fraction` of `dataset`")
+    eval_split: str = opt("test", "the split of `eval_dataset` when it is a hub dataset or a DatasetDict")
     eval_fraction: float = opt(0.0, "fraction of `dataset` held out for evaluation when no eval_dataset")
     on_bad_record: str = opt("error", "malformed record: 'error' (stop, naming it) or 'skip' (warn, drop)")
     max_length: int | None = opt(512, "max tokens of prompt + completion (completion cut first)")
@@ -95,8 +100,8 @@ class TrainConfig:
             _check_model_path("tokenizer", self.tokenizer)
         for key in ("dataset", "eval_dataset"):
             value = getattr(self, key)
-            if isinstance(value, str) and not os.path.isfile(value):
-                raise ValueError(f"{key}: file {value!r} does not exist")
+            if isinstance(value, str) and not (os.path.exists(value) or is_hub_id(value)):
+                raise ValueError(f"{key}: {value!r} is neither an existing file or directory nor a hub id")
         _choice(self, "on_bad_record", ("error", "skip"))
         _choice(self, "dtype", DTYPES)
         _choice(self, "lr_scheduler", SCHEDULERS)

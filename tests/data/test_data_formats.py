@@ -122,3 +122,41 @@ def test_toy_records_are_correct():
         a = eval(r["prompt"][:-1])  # noqa: S307 - our own arithmetic strings
         assert r["chosen"] == str(a) and r["rejected"] != str(a)
     assert json.dumps(toy.unpaired_records(3))  # JSON-serialisable
+
+
+def test_saved_dataset_directory_and_its_splits(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    records = toy.sft_records(5)
+    datasets.Dataset.from_list(records).save_to_disk(str(tmp_path / "one"))
+    assert load_records(str(tmp_path / "one")) == records
+    both = datasets.DatasetDict({"train": datasets.Dataset.from_list(records[:3]),
+                                 "test": datasets.Dataset.from_list(records[3:])})
+    both.save_to_disk(str(tmp_path / "both"))
+    assert load_records(str(tmp_path / "both")) == records[:3]
+    assert load_records(str(tmp_path / "both"), split="test") == records[3:]
+    with pytest.raises(ValueError, match="no split 'validation'"):
+        load_records(str(tmp_path / "both"), split="validation")
+
+
+def test_data_folder_goes_through_load_dataset(tmp_path):
+    """A folder of data files is what `datasets.load_dataset` resolves a hub id to: the same call."""
+    pytest.importorskip("datasets")
+    records = toy.sft_records(4)
+    (tmp_path / "data").mkdir()
+    write_jsonl(records[:3], tmp_path / "data" / "train.jsonl")
+    write_jsonl(records[3:], tmp_path / "data" / "test.jsonl")
+    assert load_records(str(tmp_path / "data")) == records[:3]
+    assert load_records(str(tmp_path / "data"), split="test") == records[3:]
+
+
+def test_unreachable_hub_id_is_a_value_error(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    import huggingface_hub.constants
+
+    # offline, as on this machine and on many clusters (read at import, so patched where they are kept)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match="alignfast-no-such-org/no-such-dataset"):
+        load_records("alignfast-no-such-org/no-such-dataset")
+    with pytest.raises(ValueError, match="does not exist"):
+        load_records("missing.jsonl")

@@ -29,6 +29,8 @@ def no_model_loading(monkeypatch):
     (KTOConfig, ["desirable_weight=0"], "desirable_weight"),
     (KTOConfig, ["per_device_batch_size=1"], "per_device_batch_size"),
     (SFTConfig, ["dataset=/no/such.jsonl"], "dataset"),
+    (SFTConfig, ["dataset=no_such.jsonl"], "dataset"),
+    (SFTConfig, ["eval_dataset=./no/such/dir"], "eval_dataset"),
     (DPOConfig, ["method=rlhf"], "method"),
     (DPOConfig, ["method=cpo", "loss_type=robust"], "loss_type"),
     (DPOConfig, ["f_divergence=tv"], "f_divergence"),
@@ -39,6 +41,13 @@ def no_model_loading(monkeypatch):
 def test_bad_values_name_the_key(cls, overrides, key, tiny_model_dir):
     with pytest.raises(ValueError, match=key):
         load_config(cls, None, overrides, model=tiny_model_dir)
+
+
+def test_hub_dataset_ids_pass_validation(tiny_model_dir):
+    """A hub id is fetched when the data loads (not at validation, which touches nothing)."""
+    cfg = load_config(SFTConfig, None, ["dataset=trl-lib/Capybara", "dataset_split=train[:100]"],
+                      model=tiny_model_dir)
+    assert (cfg.dataset, cfg.dataset_split, cfg.eval_split) == ("trl-lib/Capybara", "train[:100]", "test")
 
 
 def test_missing_model_is_required():
