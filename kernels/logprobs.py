@@ -260,8 +260,9 @@ def _logprobs_bwd_kernel(
     stride_hn, stride_hk, stride_wv, stride_wk,
     softcap, inv_temp,
     N_BUCKET,      # next_power_of_2(N): only an autotune key
+    filter_eps,    # read only if FILTER
     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, G_ENTROPY: tl.constexpr, G_ZMEAN: tl.constexpr,
-    NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+    NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, FILTER: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, GROUP_N: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
@@ -317,9 +318,14 @@ def _logprobs_bwd_kernel(
         dz = dz * (1.0 - t * t)
     dz = tl.where(tile_mask, dz, 0.0)
 
-    _push_grad_tile(dz, rows, cols, row_mask, col_mask, hidden_ptr, weight_ptr, grad_hidden_ptr, grad_weight_ptr,
-                    grad_bias_ptr, stride_hn, stride_hk, stride_wv, stride_wk, H, BLOCK_H, NEED_DH, NEED_DW, NEED_DB,
-                    UPCAST, DOT_PRECISION)
+    if FILTER:  # grad_filter_eps: a tile whose every |dL/dz| is below eps skips its products
+        push = tl.max(tl.max(tl.abs(dz), axis=1), axis=0) >= filter_eps
+    else:
+        push = True
+    if push:
+        _push_grad_tile(dz, rows, cols, row_mask, col_mask, hidden_ptr, weight_ptr, grad_hidden_ptr,
+                        grad_weight_ptr, grad_bias_ptr, stride_hn, stride_hk, stride_wv, stride_wk, H, BLOCK_H,
+                        NEED_DH, NEED_DW, NEED_DB, UPCAST, DOT_PRECISION)
 
 
 _fwd_autotuned = triton.autotune(configs=_autotune_configs(), key=["N_BUCKET", "H", "V"])(
@@ -422,10 +428,10 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                 g_ent.contiguous() if g_ent is not None else lse_c,
                 g_zm.contiguous() if g_zm is not None else lse_c,
                 *(g if g is not None else lse_c for g in (gh, gw, gb)),
-                *_common_args(hidden, weight, opts))
+                *_common_args(hidden, weight, opts), float(opts.grad_filter_eps or 0.0))
         flags = dict(HAS_BIAS=bias is not None, SOFTCAP=opts.softcap is not None, G_ENTROPY=g_ent is not None,
                      G_ZMEAN=g_zm is not None, NEED_DH=bool(need_h), NEED_DW=bool(need_w), NEED_DB=need_b,
-                     **_flags(hidden))
+                     FILTER=opts.grad_filter_eps is not None, **_flags(hidden))
         if config is None and autotune_enabled():
             _bwd_autotuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(v, meta["BLOCK_V"]),)](
                 *args, **flags, GROUP_N=8)

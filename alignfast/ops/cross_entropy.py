@@ -64,7 +64,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                          bias: torch.Tensor | None = None, *, ignore_index: int = -100,
                          reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
                          softcap: float | None = None, temperature: float = 1.0, backend: str = "auto",
-                         chunk_size: int | None = None) -> torch.Tensor:
+                         chunk_size: int | None = None, grad_filter_eps: float | None = None) -> torch.Tensor:
     """Cross-entropy of `targets` under softmax(hidden @ weight.T + bias), without the logits.
 
     Args:
@@ -73,7 +73,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
             0 at ignored positions).
         label_smoothing: ε in [0, 1], as in `torch.nn.functional.cross_entropy`.
         z_loss: coefficient of lse² (PaLM's auxiliary loss), ≥ 0.
-        softcap, temperature, backend, chunk_size: as in `linear_logprobs`.
+        softcap, temperature, backend, chunk_size, grad_filter_eps: as in `linear_logprobs` (the
+            filter applies to dL/dz, which a "mean" reduction scales by 1/tokens).
 
     Returns a scalar fp32 loss (or per-token losses for reduction="none").
 
@@ -90,7 +91,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         raise ValueError(f"z_loss must be a number >= 0, got {z_loss!r}")
     opts = make_options(hidden, weight, targets, bias, temperature=temperature, softcap=softcap,
                         ignore_index=ignore_index, backend=backend, chunk_size=chunk_size,
-                        with_zmean=bool(label_smoothing))
+                        with_zmean=bool(label_smoothing), grad_filter_eps=grad_filter_eps)
     flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     valid = flat_t != ignore_index
     n_valid = int(valid.sum())

@@ -136,7 +136,8 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
                     bias: torch.Tensor | None = None, *, temperature: float = 1.0,
                     softcap: float | None = None, ignore_index: int = -100,
                     return_entropy: bool = False, return_lse: bool = False,
-                    backend: str = "auto", chunk_size: int | None = None) -> LogProbs:
+                    backend: str = "auto", chunk_size: int | None = None,
+                    grad_filter_eps: float | None = None) -> LogProbs:
     """Log-probabilities of `targets` under softmax(hidden @ weight.T + bias), without the logits.
 
     Args:
@@ -152,6 +153,11 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         backend: "auto", or one of `alignfast.backends()`.
         chunk_size: tokens per chunk for the chunked backends (default: a 256 MiB block budget,
             ALIGNFAST_CHUNK_BYTES).
+        grad_filter_eps: off (None, exact) by default. If given, the backward skips the gradient
+            products of every vocab column (chunked, cpp, cuda: per token chunk) or tile (triton)
+            whose every |dL/dz| = |g·(onehot − p) + …| is below it, as cut-cross-entropy does: on
+            peaked logits most of the vocabulary, so most of the backward's work. Each skipped
+            element is < eps in magnitude; the forward is unchanged. Not on `reference`.
 
     Returns:
         LogProbs(logprobs, entropy | None, lse | None), each shaped like `targets`, fp32.
@@ -165,7 +171,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     """
     opts = make_options(hidden, weight, targets, bias, temperature=temperature, softcap=softcap,
                         ignore_index=ignore_index, backend=backend, chunk_size=chunk_size,
-                        with_entropy=return_entropy)
+                        with_entropy=return_entropy, grad_filter_eps=grad_filter_eps)
     flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     st = logprob_stats(flat_h, weight, bias, flat_t, opts, ignore_index)
     shape = targets.shape
@@ -175,8 +181,8 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
 
 def make_options(hidden, weight, targets, bias, *, temperature, softcap, ignore_index, backend,
-                 chunk_size, with_entropy=False, with_zmean=False, supported=dispatch.ALL_BACKENDS
-                 ) -> LogitOptions:
+                 chunk_size, with_entropy=False, with_zmean=False, grad_filter_eps=None,
+                 supported=dispatch.ALL_BACKENDS) -> LogitOptions:
     """Validates the public arguments and resolves the backend."""
     validation.check_linear_head(hidden, weight, bias)
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
@@ -185,7 +191,11 @@ def make_options(hidden, weight, targets, bias, *, temperature, softcap, ignore_
     validation.check_positive("temperature", temperature)
     validation.check_positive("softcap", softcap, optional=True)
     validation.check_chunk_size(chunk_size)
+    validation.check_positive("grad_filter_eps", grad_filter_eps, optional=True)
     resolved = dispatch.resolve(backend, hidden.device, supported=supported)
+    if grad_filter_eps is not None and resolved == "reference":
+        raise ValueError("grad_filter_eps needs a fused backend (chunked, cpp, cuda, triton), not 'reference'")
     return LogitOptions(temperature=float(temperature), softcap=None if softcap is None else float(softcap),
                         backend=resolved, chunk_size=chunk_size, with_entropy=with_entropy,
-                        with_zmean=with_zmean)
+                        with_zmean=with_zmean,
+                        grad_filter_eps=None if grad_filter_eps is None else float(grad_filter_eps))

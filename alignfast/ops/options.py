@@ -22,6 +22,9 @@ class LogitOptions:
     chunk_size: int | None = None  # tokens per chunk for the chunked paths; None: from the byte budget
     with_entropy: bool = False
     with_zmean: bool = False  # mean tempered logit per row (label smoothing needs it)
+    # backward only: vocab columns (chunked/cpp/cuda) or tiles (triton) whose every |dL/dz| is below
+    # this skip the gradient products; None keeps the gradients exact
+    grad_filter_eps: float | None = None
 
     def chunk_rows(self, vocab: int, dtype: torch.dtype = torch.float32) -> int:
         """Tokens per chunk: `chunk_size`, or as many [rows, V] fp32 blocks as fit the byte budget.

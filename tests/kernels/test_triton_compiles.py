@@ -24,7 +24,7 @@ SCRIPT = textwrap.dedent('''
         return {n: "i32" for n in names}
 
     common = {**ints("N", "V", "H", "stride_hn", "stride_hk", "stride_wv", "stride_wk"),
-              "softcap": "fp32", "inv_temp": "fp32", "N_BUCKET": "i32"}
+              "softcap": "fp32", "inv_temp": "fp32", "N_BUCKET": "i32", "filter_eps": "fp32"}
 
     def compile_(kernel, dt, acc, ptrs, consts, cfg):
         sig = {**{p: f"*{acc}" for p in ptrs}, "hidden_ptr": f"*{dt}", "weight_ptr": f"*{dt}",
@@ -50,7 +50,7 @@ SCRIPT = textwrap.dedent('''
                  ("lse_ptr", "entropy_ptr", "g_lp_ptr", "g_lse_ptr", "g_ent_ptr", "g_zm_ptr",
                   "grad_hidden_ptr", "grad_weight_ptr", "grad_bias_ptr"),
                  dict(HAS_BIAS=on, SOFTCAP=on, G_ENTROPY=on, G_ZMEAN=on, NEED_DH=on, NEED_DW=True,
-                      NEED_DB=on, GROUP_N=bwd.group_n), bwd)
+                      NEED_DB=on, FILTER=on, GROUP_N=bwd.group_n), bwd)
     print("compiled")
 ''')
 
