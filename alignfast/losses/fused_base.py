@@ -114,13 +114,17 @@ class LinearLossBase(nn.Module):
              "pair":     chunks hold whole chosen/rejected pairs (rows i and B/2 + i);
              "token":    the formula is a sum over tokens: chunks are any token ranges, and a
                          chunk's batch is the flat [1, n] of its tokens (no `rows`).
+
+    Every subclass takes ignore_index, temperature, softcap, backend, chunk_size and
+    grad_filter_eps (the policy's backward only), as in `linear_logprobs`.
     """
 
     unit = "sequence"
 
     def __init__(self, *, ignore_index: int = -100, temperature: float = 1.0, softcap: float | None = None,
-                 backend: str = "auto", chunk_size: int | None = None):
+                 backend: str = "auto", chunk_size: int | None = None, grad_filter_eps: float | None = None):
         super().__init__()
+        self.grad_filter_eps = grad_filter_eps
         self.ignore_index = ignore_index
         self.temperature = temperature
         self.softcap = softcap
@@ -142,7 +146,7 @@ class LinearLossBase(nn.Module):
         _check_batch(hidden, labels, self.unit)
         opts = make_options(hidden, weight, labels, bias, temperature=self.temperature, softcap=self.softcap,
                             ignore_index=self.ignore_index, backend=self.backend, chunk_size=self.chunk_size,
-                            with_entropy=with_entropy)
+                            with_entropy=with_entropy, grad_filter_eps=self.grad_filter_eps)
         mask = labels != self.ignore_index
         ref = self._reference(labels, mask, opts, ref_hidden, ref_weight, ref_bias, ref_logps, ref_per_token)
         whole = SequenceBatch(logps=None, entropy=None, mask=mask,  # type: ignore[arg-type]

@@ -140,3 +140,22 @@ def test_reference_backend_refuses_the_filter():
     h, w = torch.randn(4, 8), torch.randn(10, 8)
     with pytest.raises(ValueError, match="grad_filter_eps.*reference"):
         alignfast.linear_logprobs(h, w, torch.randint(0, 10, (4,)), backend="reference", grad_filter_eps=1e-6)
+
+
+@pytest.mark.parametrize("module", ["LinearSFTLoss", "LinearDPOLoss"])
+def test_fused_losses_pass_the_filter_to_the_policy_backward(module):
+    hidden, weight, targets, _ = peaked_case(n=24, v=800, seed=4)
+    h3, t3 = hidden.view(4, 6, -1), targets.view(4, 6)
+    loss_cls = getattr(alignfast.losses, module)
+    extra = {"ref_logps": torch.randn(4, dtype=torch.float64)} if module == "LinearDPOLoss" else {}
+
+    def grad(**kw):
+        h = h3.clone().requires_grad_()
+        loss, _ = loss_cls(backend="chunked", **kw)(h, weight, t3, **extra)
+        return loss.detach(), torch.autograd.grad(loss, h)[0]
+
+    loss, g = grad()
+    loss_tiny, g_tiny = grad(grad_filter_eps=1e-300)
+    loss_huge, g_huge = grad(grad_filter_eps=1e3)
+    torch.testing.assert_close(g_tiny, g, rtol=1e-12, atol=0)
+    assert loss_huge == loss and g.abs().max() > 0 and g_huge.abs().max() == 0
