@@ -6,27 +6,32 @@ SL-CAI  for each (red-team) prompt: sample a response from the policy; then `sl_
         (SFTTrainer) -> output_dir/sl.
 RL-CAI  from the SL model, sample two responses per prompt; the feedback model gives
         p_a = P(A better) under a sampled principle (a multiple-choice question). Rows ->
-        output_dir/rl_cai.jsonl; DPO (DPOTrainer, reference = the SL model) on chosen/rejected ->
-        output_dir/rl. The paper trains a preference model on these labels and runs PPO
-        (RLAIF); DPO on the AI-labelled pairs is its offline equivalent (rl_method=dpo, the only
-        method for now).
+        output_dir/rl_cai.jsonl. Then, by `rl_method`:
+        dpo  DPO (DPOTrainer, reference = the SL model) on chosen/rejected -> output_dir/rl: the
+             offline equivalent of the paper's RL step.
+        ppo  the paper's RLAIF: a preference (reward) model trained on chosen/rejected
+             (RewardTrainer, from the SL model) -> output_dir/rl_reward; then PPO (PPOTrainer: value
+             head initialised from the reward model, KL to the SL model) on the prompts, scored by
+             that reward model -> output_dir/rl (the value model in output_dir/rl/value_model).
 
 The feedback model (alignfast.trainers.feedback): the `feedback=` object (e.g. a CallableFeedback),
 else an LMFeedback on `feedback_model`, else on the initial policy (a frozen copy: the same labeller
 for both stages, and the SL model never grades itself).
 
 Reuse: output_dir/cai_state.json holds the hash of each finished artefact (sl_data, sl_model,
-rl_data, rl_model). An artefact whose hash matches the current config is reused, not regenerated:
-a rerun after a crash, or `stages: [rl]` after a `stages: [sl]` run, picks up where it stopped.
-The hashes chain (sl_data <- generation options, constitution content, feedback model;
-sl_model <- sl_data + training options; rl_data <- sl_model + generation options; rl_model <- all),
-so changing rl_beta retrains only the DPO model; regenerated data also invalidates what was made from
-it. A Python feedback model is identified by its functions' names only: after changing its code,
-delete output_dir/cai_state.json (or use a new output_dir).
+rl_data, rl_reward_model (rl_method=ppo), rl_model). An artefact whose hash matches the current
+config is reused, not regenerated: a rerun after a crash, or `stages: [rl]` after a `stages: [sl]`
+run, picks up where it stopped. The hashes chain (sl_data <- generation options, constitution
+content, feedback model; sl_model <- sl_data + training options; rl_data <- sl_model + generation
+options; rl_reward_model <- rl_data + all but the RL policy's options; rl_model <- all), so changing
+rl_beta retrains only the DPO model, and rl_kl_coef only the PPO policy (the reward model is
+reused); regenerated data also invalidates what was made from it. A Python feedback model is
+identified by its functions' names only: after changing its code, delete output_dir/cai_state.json
+(or use a new output_dir).
 
 Generation runs on the main process (the rows are then read back from the jsonl by every process,
-so the inner stages train on exactly the saved rows); the SFT and DPO stages are the ordinary
-distributed trainers.
+so the inner stages train on exactly the saved rows); the SFT, DPO, reward and PPO stages are the
+ordinary distributed trainers.
 """
 from __future__ import annotations
 
@@ -51,13 +56,18 @@ from alignfast.trainers.feedback import (CallableFeedback, LMFeedback, as_feedba
     revision_win_rate)
 from alignfast.trainers.generation import Sampling, sample_completions
 from alignfast.trainers.modeling import frozen_copy, load_causal_lm, load_tokenizer
+from alignfast.trainers.ppo import PPOConfig, PPOTrainer
+from alignfast.trainers.reward import RewardConfig, RewardTrainer
 from alignfast.trainers.sft import SFTConfig, SFTTrainer
 
 logger = logging.getLogger(__name__)
 
 STAGE_ORDER = ("sl", "rl")
-RL_METHODS = ("dpo",)
+RL_METHODS = ("dpo", "ppo")
+REWARD_STAGE = "rl_reward"  # rl_method=ppo: the reward model's sub-stage (its directory in output_dir)
 SL_FILE, RL_FILE, STATE_FILE = "sl_cai.jsonl", "rl_cai.jsonl", "cai_state.json"
+# The rl_ options the reward model depends on (the others are the RL policy's: DPO or PPO).
+REWARD_KEYS = ("rl_label_margin", "rl_reward_learning_rate", "rl_reward_max_steps")
 # What the sampled rows depend on (beside the constitution's content and the feedback model).
 GENERATION_KEYS = ("model", "tokenizer", "dataset", "max_length", "on_bad_record", "dtype", "trust_remote_code",
                    "seed", "backend", "chunk_size", "feedback_model", "feedback_max_length", "max_new_tokens",
@@ -67,7 +77,7 @@ GENERATION_KEYS = ("model", "tokenizer", "dataset", "max_length", "on_bad_record
 @dataclass
 class CAIConfig(TrainConfig):
     stages: list = opt(["sl", "rl"], "stages to run (always in the order sl, rl): sl = critique/revision + SFT, "
-                                     "rl = AI preference labels + DPO")
+                                     "rl = AI preference labels + DPO (or reward model + PPO)")
     constitution: str | None = opt(None, "constitution YAML (principles); default: alignfast/data/constitution.yaml")
     feedback_model: str | None = opt(None, "model directory that critiques, revises and compares; default: the "
                                            "initial policy")
@@ -80,12 +90,17 @@ class CAIConfig(TrainConfig):
     sl_num_revisions: int = opt(1, "critique/revision rounds per response (a new principle each round)")
     sl_learning_rate: float | None = opt(None, "SFT learning rate; default: learning_rate")
     sl_max_steps: int | None = opt(None, "SFT steps; default: max_steps")
-    rl_method: str = opt("dpo", "how the AI-labelled pairs are learnt: dpo (reward model + PPO: not yet)")
-    rl_learning_rate: float = opt(5e-7, "DPO learning rate")
-    rl_max_steps: int | None = opt(None, "DPO steps; default: max_steps")
+    rl_method: str = opt("dpo", "how the AI-labelled pairs are learnt: dpo (DPO on them), or ppo (RLAIF: a "
+                                "reward model trained on them, then PPO against it)")
+    rl_learning_rate: float = opt(5e-7, "policy learning rate of the RL stage (DPO or PPO)")
+    rl_max_steps: int | None = opt(None, "DPO steps or PPO rollouts; default: max_steps")
     rl_beta: float = opt(0.1, "DPO β")
     rl_loss_type: str = opt("sigmoid", "DPO loss type (any of DPOConfig's)")
     rl_label_margin: float = opt(0.0, "keep a pair only when |p_a - 0.5| > this (ties are always dropped)")
+    rl_reward_learning_rate: float | None = opt(None, "ppo: reward-model learning rate; default: learning_rate")
+    rl_reward_max_steps: int | None = opt(None, "ppo: reward-model steps; default: max_steps")
+    rl_kl_coef: float = opt(0.05, "ppo: β of the per-token KL to the SL model in the reward")
+    rl_num_ppo_epochs: int = opt(4, "ppo: passes over each rollout")
 
     stage = "cai"
     data_kind = "prompt"
@@ -103,19 +118,18 @@ class CAIConfig(TrainConfig):
         if self.feedback_model is not None:
             _check_model_path("feedback_model", self.feedback_model)
         self.sampling().validate()
-        for key in ("feedback_max_length", "generation_batch_size", "sl_learning_rate"):
+        for key in ("feedback_max_length", "generation_batch_size", "sl_learning_rate", "rl_reward_learning_rate"):
             if getattr(self, key) is not None and not getattr(self, key) > 0:
                 raise ValueError(f"{key} must be > 0 (or unset), got {getattr(self, key)!r}")
         if isinstance(self.sl_num_revisions, bool) or not isinstance(self.sl_num_revisions, int) or \
                 self.sl_num_revisions < 1:
             raise ValueError(f"sl_num_revisions must be an int >= 1, got {self.sl_num_revisions!r}")
-        for key in ("sl_max_steps", "rl_max_steps"):
+        for key in ("sl_max_steps", "rl_max_steps", "rl_reward_max_steps"):
             value = getattr(self, key)
             if value is not None and (value == 0 or value < -1):
                 raise ValueError(f"{key} must be > 0 or -1 (or unset), got {value!r}")
         if self.rl_method not in RL_METHODS:
-            raise ValueError(f"rl_method: {self.rl_method!r} is unknown; choose one of {list(RL_METHODS)} "
-                             "(reward model + PPO is not implemented for cai)")
+            raise ValueError(f"rl_method: {self.rl_method!r} is unknown; choose one of {list(RL_METHODS)}")
         for key in ("rl_learning_rate", "rl_beta"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"{key} must be > 0, got {getattr(self, key)!r}")
@@ -123,6 +137,14 @@ class CAIConfig(TrainConfig):
             raise ValueError(f"rl_loss_type: {self.rl_loss_type!r} is unknown; choose one of {list(loss_types('dpo'))}")
         if not 0.0 <= self.rl_label_margin < 0.5:
             raise ValueError(f"rl_label_margin must be in [0, 0.5), got {self.rl_label_margin!r}")
+        if not self.rl_kl_coef >= 0:
+            raise ValueError(f"rl_kl_coef must be >= 0, got {self.rl_kl_coef!r}")
+        if isinstance(self.rl_num_ppo_epochs, bool) or not isinstance(self.rl_num_ppo_epochs, int) or \
+                self.rl_num_ppo_epochs < 1:
+            raise ValueError(f"rl_num_ppo_epochs must be an int >= 1, got {self.rl_num_ppo_epochs!r}")
+        if self.rl_method == "ppo" and "rl" in stages and not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 with rl_method=ppo (PPO needs the log-probs of the "
+                             f"sampling distribution), got {self.temperature!r}")
         if self.eval_dataset is not None:
             raise ValueError("eval_dataset: cai generates its own SFT/DPO data; hold part of it out with "
                              "eval_fraction instead")
@@ -133,9 +155,11 @@ class CAIConfig(TrainConfig):
                              f"{self.resume_from!r}")
         return self
 
-    def stage_config(self, stage: str, model: str, resume: bool = False) -> SFTConfig | DPOConfig:
-        """The validated config of the inner SFT (stage "sl") or DPO ("rl") run, in output_dir/<stage>;
-        `resume`: from its latest checkpoint, if there is one."""
+    def stage_config(self, stage: str, model: str, resume: bool = False) \
+            -> SFTConfig | RewardConfig | DPOConfig | PPOConfig:
+        """The validated config of the inner run of `stage`, in output_dir/<stage>: SFT ("sl"), the
+        reward model ("rl_reward", rl_method=ppo), DPO or PPO ("rl", by rl_method; PPO scores with the
+        reward model in output_dir/rl_reward). `resume`: from its latest checkpoint, if there is one."""
         common = {f.name: getattr(self, f.name) for f in dataclasses.fields(TrainConfig)}
         out = os.path.join(self.output_dir, stage)
         common.update(model=model, dataset=None, eval_dataset=None, output_dir=out,
@@ -145,8 +169,18 @@ class CAIConfig(TrainConfig):
             common.update(learning_rate=self.sl_learning_rate or self.learning_rate,
                           max_steps=self.sl_max_steps if self.sl_max_steps is not None else self.max_steps)
             return SFTConfig(**common).validate()
+        if stage == REWARD_STAGE:
+            common.update(learning_rate=self.rl_reward_learning_rate or self.learning_rate,
+                          max_steps=self.rl_reward_max_steps if self.rl_reward_max_steps is not None
+                          else self.max_steps)
+            return RewardConfig(**common).validate()
         common.update(learning_rate=self.rl_learning_rate,
                       max_steps=self.rl_max_steps if self.rl_max_steps is not None else self.max_steps)
+        if self.rl_method == "ppo":
+            return PPOConfig(**common, reward_model=os.path.join(self.output_dir, REWARD_STAGE),
+                             kl_coef=self.rl_kl_coef, num_ppo_epochs=self.rl_num_ppo_epochs,
+                             max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
+                             top_p=self.top_p, generation_batch_size=self.generation_batch_size).validate()
         return DPOConfig(**common, method=self.rl_method, beta=self.rl_beta, loss_type=self.rl_loss_type).validate()
 
 
@@ -209,7 +243,9 @@ class CAITrainer:
         sl_data = _digest({**gen, "sl_num_revisions": d["sl_num_revisions"]})
         sl_model = _digest({"sl_data": sl_data, **{k: v for k, v in d.items() if not k.startswith("rl_")}})
         rl_data = _digest({"policy": sl_model if rl_from_sl else "initial", **gen})
-        return {"sl_data": sl_data, "sl_model": sl_model, "rl_data": rl_data,
+        rl_reward = _digest({"rl_data": rl_data, **{k: v for k, v in d.items()
+                                                   if not k.startswith("rl_") or k in REWARD_KEYS}})
+        return {"sl_data": sl_data, "sl_model": sl_model, "rl_data": rl_data, "rl_reward_model": rl_reward,
                 "rl_model": _digest({"rl_data": rl_data, **d})}
 
     def _state(self) -> dict:
@@ -245,11 +281,17 @@ class CAITrainer:
         if self.accelerator.is_main_process:
             write_jsonl(make_rows(), path + ".tmp")
             os.replace(path + ".tmp", path)
-            for _, old in ckpt.checkpoint_dirs(os.path.join(self.out, stage)):  # trained on other data
-                shutil.rmtree(old)
-        downstream = ("sl_model", "rl_data", "rl_model") if stage == "sl" else ("rl_model",)
+            self._drop_checkpoints(*((stage, REWARD_STAGE) if stage == "rl" else (stage,)))  # other data
+        downstream = ("sl_model", "rl_data", "rl_reward_model", "rl_model") if stage == "sl" else \
+            ("rl_reward_model", "rl_model")
         self._mark(key, hashes[key], forget=downstream)
         return load_records(path), False
+
+    def _drop_checkpoints(self, *stages: str) -> None:
+        """Deletes the checkpoints of `stages` (main process): they were trained on what is remade."""
+        for stage in stages:
+            for _, old in ckpt.checkpoint_dirs(os.path.join(self.out, stage)):
+                shutil.rmtree(old)
 
     # ---- sampling and feedback -------------------------------------------------------------------
     def _sample(self, causal_lm, prompt_ids: list[list[int]], seed: int) -> list[str]:
@@ -336,10 +378,14 @@ class CAITrainer:
         last = next((r for r in reversed(rows) if r.get("split") == "train"), {})
         return {k: v for k, v in last.items() if k not in ("step", "split")}
 
-    def _train(self, stage: str, trainer_class, cfg, model, records: list[dict]) -> dict:
+    def _train(self, stage: str, trainer_class, cfg, model, records: list[dict], report=None) -> dict:
+        """Trains `stage` (its final model saved in cfg.output_dir); `report(trainer)`: more metrics,
+        taken from the trained trainer before it is freed."""
         trainer = trainer_class(cfg, model=model, tokenizer=self.tokenizer, train_dataset=records,
                                 accelerator=self.accelerator)
         metrics = trainer.train()
+        if report is not None:
+            metrics.update(report(trainer))
         del trainer
         self.accelerator.free_memory()  # the accelerator keeps the prepared model/optimizer otherwise
         return metrics
@@ -367,12 +413,35 @@ class CAITrainer:
         self._mark("sl_model", hashes["sl_model"])
         return {**metrics, **stats}
 
+    def run_reward(self, hashes: dict, start: str, records: list[dict], resume: bool) -> tuple[dict, bool]:
+        """rl_method=ppo: the reward (preference) model on the AI-labelled pairs, from `start` (the SL
+        model's directory), -> output_dir/rl_reward; reused when current. (metrics, whether it was
+        trained now). `pair_accuracy`: how often the trained model ranks chosen over rejected on all its
+        training pairs (`accuracy` is the last batch's); `eval_accuracy` (eval_fraction > 0): on the
+        held-out pairs."""
+        if self._model_done(REWARD_STAGE, hashes):
+            logger.info("cai: reusing the reward model in %s (same config hash)",
+                        os.path.join(self.out, REWARD_STAGE))
+            return {"reused": 1.0, **self._last_metrics(REWARD_STAGE)}, False
+        if self.accelerator.is_main_process:  # PPO checkpoints scored by another reward model
+            self._drop_checkpoints("rl")
+        self.accelerator.wait_for_everyone()
+        cfg = self.cfg.stage_config(REWARD_STAGE, start, resume=resume)
+        metrics = self._train(REWARD_STAGE, RewardTrainer, cfg, None, records, report=lambda t: {
+            "pair_accuracy": t.evaluate(t.train_data)["accuracy"]})
+        self._mark("rl_reward_model", hashes["rl_reward_model"])
+        return metrics, True
+
     def run_rl(self) -> dict:
+        """The RL stage's metrics; with rl_method=ppo, the reward model's under `reward_model/`."""
         from_sl = "sl" in self.cfg.stages or self._model_done("sl", self._hashes(rl_from_sl=True))
         hashes = self._hashes(rl_from_sl=from_sl)
-        if self._model_done("rl", hashes):
+        ppo = self.cfg.rl_method == "ppo"
+        if self._model_done("rl", hashes) and (not ppo or self._model_done(REWARD_STAGE, hashes)):
             logger.info("cai: reusing the RL model in %s (same config hash)", os.path.join(self.out, "rl"))
-            return {"reused": 1.0, **self._last_metrics("rl")}
+            reward = {"reward_model/reused": 1.0, **{f"reward_model/{k}": v for k, v in
+                                                     self._last_metrics(REWARD_STAGE).items()}} if ppo else {}
+            return {"reused": 1.0, **self._last_metrics("rl"), **reward}
         sl_dir = os.path.join(self.out, "sl")
         policy = self._policy(sl_dir if from_sl else None)
         rows, reused = self._rows("rl", hashes, lambda: self.rl_rows(policy))
@@ -384,15 +453,22 @@ class CAITrainer:
         stats = {"pairs": len(records), "dropped_pairs": len(rows) - len(records),
                  "p_a_mean": sum(r["p_a"] for r in rows) / len(rows),
                  "label_confidence": sum(max(r["p_a"], 1 - r["p_a"]) for r in rows) / len(rows)}
-        cfg = self.cfg.stage_config("rl", sl_dir if from_sl else self.cfg.model,
-                                    resume=bool(self.cfg.resume_from) and reused)
-        metrics = self._train("rl", DPOTrainer, cfg, policy, records)
+        start, resume = sl_dir if from_sl else self.cfg.model, bool(self.cfg.resume_from) and reused
+        trainer_class = DPOTrainer
+        if ppo:
+            reward, trained = self.run_reward(hashes, start, records, resume)
+            stats.update({f"reward_model/{k}": v for k, v in reward.items()})
+            records, resume, trainer_class = [{"prompt": e["prompt"]} for e in self.prompts], \
+                resume and not trained, PPOTrainer
+        cfg = self.cfg.stage_config("rl", start, resume=resume)
+        metrics = self._train("rl", trainer_class, cfg, policy, records)
         self._mark("rl_model", hashes["rl_model"])
         return {**metrics, **stats}
 
     def train(self) -> dict:
         """Runs the configured stages; metrics prefixed by stage: sl/loss, sl/revision_win_rate,
-        rl/rewards/accuracies, rl/eval_rewards/accuracies (with eval_fraction > 0), ..."""
+        rl/rewards/accuracies, rl/eval_rewards/accuracies (with eval_fraction > 0), ...; with
+        rl_method=ppo: rl/reward_model/pair_accuracy, rl/objective/scores, rl/objective/kl, ..."""
         out = {}
         for stage in STAGE_ORDER:
             if stage in self.cfg.stages:

@@ -1,4 +1,5 @@
-"""Constitutional AI: the constitution, the feedback models, and tiny SL-CAI + RL-CAI runs."""
+"""Constitutional AI: the constitution, the feedback models, and tiny SL-CAI + RL-CAI runs (DPO, and
+RLAIF: reward model + PPO)."""
 import json
 import math
 import os
@@ -201,8 +202,69 @@ def test_cai_with_the_policy_as_feedback(tiny_model_dir, tmp_path):
     assert os.path.isfile(tmp_path / "rl" / "model.safetensors")
 
 
+def test_cai_rlaif_reward_model_then_ppo(tiny_model_dir, tmp_path, monkeypatch):
+    """rl_method=ppo: a reward model trained on the AI-labelled pairs (output_dir/rl_reward), then PPO
+    scored by it (output_dir/rl); a rerun reuses the finished reward model."""
+    reward_runs = []
+
+    class SpyReward(cai_module.RewardTrainer):
+        def __init__(self, cfg, **kw):
+            reward_runs.append(kw["train_dataset"])
+            super().__init__(cfg, **kw)
+
+    monkeypatch.setattr(cai_module, "RewardTrainer", SpyReward)
+    calls = []
+    run = ["max_steps=2", "learning_rate=1e-3", "rl_method=ppo", "rl_learning_rate=1e-4", "rl_reward_max_steps=8",
+           "rl_num_ppo_epochs=1", "eval_fraction=0.25"]
+    tr = make_cai(tiny_model_dir, tmp_path, run, feedback=rule_feedback(calls))
+    metrics = tr.train()
+    tr.end_training()
+
+    # the reward model learns exactly the usable AI-labelled pairs, and ranks them above chance
+    rl_rows = read_jsonl(tmp_path / "rl_cai.jsonl")
+    assert len(reward_runs) == 1 and reward_runs[0] == tr.rl_records(rl_rows)
+    assert len(reward_runs[0]) == metrics["rl/pairs"] > 0
+    assert metrics["rl/reward_model/pair_accuracy"] > 0.5
+    assert 0.0 <= metrics["rl/reward_model/eval_accuracy"] <= 1.0  # the held-out pairs
+    reward_dir = tmp_path / "rl_reward"
+    assert json.loads((reward_dir / "config.json").read_text())["architectures"] == ["LlamaForSequenceClassification"]
+    # PPO on the prompts: the reward model's score and the KL to the SL model are logged
+    for key in ("rl/objective/scores", "rl/objective/kl", "rl/objective/rlhf_reward", "rl/loss/value_avg",
+                "rl/eval_reward"):
+        assert math.isfinite(metrics[key]), key
+    assert metrics["rl/kl_coef"] == pytest.approx(0.05)
+    logged = read_jsonl(tmp_path / "rl" / "metrics.jsonl")
+    assert any("objective/kl" in r and "objective/scores" in r for r in logged)
+    # the final policy sits where rl_method=dpo puts it; the value model beside it
+    assert json.loads((tmp_path / "rl" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert os.path.isfile(tmp_path / "rl" / "model.safetensors")
+    assert os.path.isfile(tmp_path / "rl" / "value_model" / "model.safetensors")
+    state = json.loads((tmp_path / "cai_state.json").read_text())
+    assert {"rl_data", "rl_reward_model", "rl_model"} <= set(state)
+
+    # A new PPO β: the data and the reward model are reused (not retrained), only PPO runs again.
+    mtime = os.path.getmtime(reward_dir / "model.safetensors")
+    calls.clear()
+    changed = make_cai(tiny_model_dir, tmp_path, run + ["rl_kl_coef=0.1"], feedback=rule_feedback(calls)).train()
+    assert calls == [] and len(reward_runs) == 1 and os.path.getmtime(reward_dir / "model.safetensors") == mtime
+    assert changed["rl/reward_model/reused"] == 1.0 and "rl/reused" not in changed
+    assert changed["rl/kl_coef"] == pytest.approx(0.1)
+    assert json.loads((tmp_path / "cai_state.json").read_text())["rl_reward_model"] == state["rl_reward_model"]
+    # The same config again: nothing is retrained.
+    again = make_cai(tiny_model_dir, tmp_path, run + ["rl_kl_coef=0.1"], feedback=rule_feedback(calls)).train()
+    assert calls == [] and len(reward_runs) == 1 and again["rl/reused"] == again["rl/reward_model/reused"] == 1.0
+
+
+def test_cai_ppo_needs_sampling_log_probs(tiny_model_dir):
+    with pytest.raises(ValueError, match="temperature"):
+        load_config(CAIConfig, None, ["rl_method=ppo", "temperature=0"], model=tiny_model_dir)
+    load_config(CAIConfig, None, ["rl_method=dpo", "temperature=0"], model=tiny_model_dir)  # DPO: greedy is fine
+    load_config(CAIConfig, None, ["rl_method=ppo", "temperature=0", "stages=[sl]"], model=tiny_model_dir)
+
+
 @pytest.mark.parametrize("override, key", [
-    ("rl_method=ppo", "rl_method"), ("stages=[sl,foo]", "stages"), ("stages=[]", "stages"),
+    ("rl_method=rloo", "rl_method"), ("rl_kl_coef=-0.1", "rl_kl_coef"), ("rl_num_ppo_epochs=0", "rl_num_ppo_epochs"),
+    ("rl_reward_learning_rate=0", "rl_reward_learning_rate"), ("rl_reward_max_steps=0", "rl_reward_max_steps"), ("stages=[sl,foo]", "stages"), ("stages=[]", "stages"),
     ("sl_num_revisions=0", "sl_num_revisions"), ("rl_beta=0", "rl_beta"), ("rl_loss_type=nope", "rl_loss_type"),
     ("rl_label_margin=0.5", "rl_label_margin"), ("constitution=/no/such.yaml", "constitution"),
     ("feedback_model=/no/such/dir", "feedback_model"), ("max_new_tokens=0", "max_new_tokens"),
