@@ -108,7 +108,7 @@ class OnlineTrainer(Trainer):
         return sample_completions(self.policy_lm(), [e["prompt_ids"] for e in examples],
                                   sampling or self.cfg.sampling(), eos_token_id=self.tokenizer.eos_token_id,
                                   pad_token_id=self.tokenizer.pad_token_id, seed=seed,
-                                  batch_size=self.cfg.generation_batch_size)
+                                  batch_size=self.cfg.generation_batch_size, prepared=self.model)
 
     def sampling_seed(self, step: int) -> int:
         return (self.cfg.seed * 1_000_003 + step) * 1_009 + self.accelerator.process_index

@@ -1,10 +1,13 @@
-"""Runs SFT then DPO for a few steps on the tiny model; launched by test_trainer_distributed.py.
+"""Runs SFT then DPO (or GRPO, PPO) for a few steps on the tiny model; launched by
+test_trainer_distributed.py.
 
     torchrun --nproc_per_node 2 distributed_driver.py MODEL OUT [--fsdp] [--stages sft,dpo]
     python distributed_driver.py MODEL OUT --batch 16          (the 1-process reference; or run(...))
+    python distributed_driver.py MODEL OUT --batch 16 --replay TWO   (online stages: see _replay_samples)
 
 Every process runs the same global batch (per-device batch × processes); rank 0 writes, per stage,
-OUT/<stage>/metrics.jsonl and OUT/<stage>/model.safetensors (the final, full weights).
+OUT/<stage>/metrics.jsonl and OUT/<stage>/model.safetensors (the final, full weights). The online
+stages also write each process's sampled completions, OUT/<stage>/completions_<rank>.json.
 """
 import argparse
 import json
@@ -20,8 +23,22 @@ from accelerate.utils import FullyShardedDataParallelPlugin  # noqa: E402
 from alignfast.data import toy  # noqa: E402
 from alignfast.trainers import STAGES, load_config  # noqa: E402
 
-RECORDS = {"sft": toy.sft_records, "dpo": toy.preference_records}
-EXTRA = {"sft": ["learning_rate=3e-3"], "dpo": ["learning_rate=3e-3", "beta=0.5"]}
+
+def prompt_records(n):
+    return [{"prompt": r["prompt"]} for r in toy.sft_records(n)]
+
+
+def digit_fraction(prompts, completions, **kw):
+    """The online stages' reward: the fraction of digits in the completion."""
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+
+
+RECORDS = {"sft": toy.sft_records, "dpo": toy.preference_records, "grpo": prompt_records, "ppo": prompt_records}
+MAX_NEW_TOKENS = 6  # temperature 1, no top-k/top-p
+ONLINE = [f"max_new_tokens={MAX_NEW_TOKENS}"]
+EXTRA = {"sft": ["learning_rate=3e-3"], "dpo": ["learning_rate=3e-3", "beta=0.5"],
+         "grpo": ["learning_rate=3e-3", "num_generations=2", "beta=0.1", *ONLINE],
+         "ppo": ["learning_rate=3e-3", "num_ppo_epochs=1", *ONLINE]}
 
 
 def parse_args(argv=None):
@@ -35,6 +52,9 @@ def parse_args(argv=None):
     p.add_argument("--shard-head", action="store_true",
                    help="FSDP2: every nn.Linear (lm_head included) its own group, so the head stays sharded "
                         "outside its (never called) forward and the loss must gather it")
+    p.add_argument("--replay", metavar="DIR",
+                   help="online stages, 1 process: train on the completions the processes of the run in DIR "
+                        "sampled, after checking each equals what this (unsharded) policy samples")
     return p.parse_args(argv)
 
 
@@ -61,12 +81,61 @@ def run(args, acc, gathers=(0,)) -> None:
                                                "disable_tqdm=true", "logging_steps=1", "max_length=32",
                                                "lr_scheduler=constant", *EXTRA[stage]],
                           model=args.model, output_dir=os.path.join(args.out, stage))
-        trainer = trainer_class(cfg, train_dataset=RECORDS[stage](64), accelerator=acc)
+        online = stage in ("grpo", "ppo")
+        trainer = trainer_class(cfg, train_dataset=RECORDS[stage](64), accelerator=acc,
+                                **({"reward_funcs": [digit_fraction]} if online else {}))
+        if online and args.replay:
+            _replay_samples(trainer, os.path.join(args.replay, stage))
+        samples = _record_samples(trainer) if online else None
         before = gathers[0]
         trainer.train()
+        if online:
+            with open(os.path.join(args.out, stage, f"completions_{acc.process_index}.json"), "w") as f:
+                json.dump(samples, f)
         if acc.is_main_process:
             with open(os.path.join(args.out, stage, "gathers.json"), "w") as f:
                 json.dump({"gathers": gathers[0] - before, "fsdp": type(trainer.model).__name__.startswith("FSDP")}, f)
+
+
+def _record_samples(trainer) -> list:
+    """[(seed, prompt ids, completions)] of every `sample` call of `trainer`, in order."""
+    calls, sample = [], trainer.sample
+
+    def recording(examples, seed, sampling=None):
+        completions = sample(examples, seed, sampling)
+        calls.append((seed, [e["prompt_ids"] for e in examples], completions))
+        return completions
+
+    trainer.sample = recording
+    return calls
+
+
+def _replay_samples(trainer, recorded: str) -> None:
+    """Makes the 1-process `trainer` sample what the processes of a run recorded in `recorded` did
+    (their completions concatenated in rank order: the order of the global batch), asserting that each
+    process's completions are those `sample_completions` gives with this trainer's unsharded policy,
+    the same prompts and seed. So a sharded run must sample exactly as an unsharded model does.
+    (GRPO: its advantages are per group, so 1 process then updates as 2 do; PPO whitens its advantages
+    over each process's rollout, so a 1-process PPO run differs by design.)"""
+    from alignfast.trainers.generation import sample_completions
+
+    ranks = []
+    while os.path.exists(path := os.path.join(recorded, f"completions_{len(ranks)}.json")):
+        ranks.append(json.load(open(path)))
+    steps = iter(zip(*ranks))
+
+    def replay(examples, seed, sampling=None):
+        calls = next(steps)
+        assert [e["prompt_ids"] for e in examples] == [p for _, prompts, _ in calls for p in prompts]
+        for rank, (rank_seed, prompts, completions) in enumerate(calls):
+            mine = sample_completions(trainer.policy_lm(), prompts, sampling or trainer.cfg.sampling(),
+                                      eos_token_id=trainer.tokenizer.eos_token_id,
+                                      pad_token_id=trainer.tokenizer.pad_token_id, seed=rank_seed,
+                                      batch_size=trainer.cfg.generation_batch_size)
+            assert mine == completions, f"process {rank}, seed {rank_seed}: the completions differ"
+        return [c for _, _, completions in calls for c in completions]
+
+    trainer.sample = replay
 
 
 def main():

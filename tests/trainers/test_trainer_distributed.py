@@ -1,6 +1,6 @@
 """2 processes on this CPU (torchrun, gloo) train on the same global batch as 1 process: same losses,
 same weights. DDP for SFT and DPO; FSDP2 (fully_shard, with the lm_head sharded, so the fused loss
-must gather it) for DPO."""
+must gather it) for DPO, and for GRPO and PPO, whose sampling must then equal unsharded sampling."""
 import json
 import os
 import subprocess
@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STEPS = 2
+EXTRA_KEYS = {"dpo": ("rewards/margins", "rewards/accuracies"), "grpo": ("reward", "kl", "entropy")}
 
 
 def _rows(path):
@@ -43,7 +44,7 @@ def _assert_same_run(out, ref, stage):
     a, b = _rows(out / stage / "metrics.jsonl"), _rows(ref / stage / "metrics.jsonl")
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, STEPS + 1))
     for ra, rb in zip(a, b):
-        for key in ("loss", "grad_norm") + (("rewards/margins", "rewards/accuracies") if stage == "dpo" else ()):
+        for key in ("loss", "grad_norm") + EXTRA_KEYS.get(stage, ()):
             assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-6), (stage, ra["step"], key)
     wa, wb = load_file(out / stage / "model.safetensors"), load_file(ref / stage / "model.safetensors")
     assert wa.keys() == wb.keys()
@@ -70,3 +71,34 @@ def test_fsdp2_two_processes_dpo_gathers_the_sharded_head(tiny_model_dir, tmp_pa
     assert info["fsdp"], "the model was not wrapped by FSDP2"
     assert info["gathers"] == STEPS, info  # one explicit lm_head gather per policy forward
     _assert_same_run(tmp_path, one_process, "dpo")
+
+
+def test_fsdp2_two_processes_sample_as_unsharded_grpo_ppo(tiny_model_dir, tmp_path):
+    """Sampling gathers the sharded policy (generation.py, `_call_unsharded`). GRPO: a 1-process run
+    replays the 2 processes' completions after checking each process's equal what its unsharded policy
+    samples with the same seed (both steps: after an update too), then trains to the same weights.
+    PPO (policy and value in one FSDP2 root): the first rollout's samples equal the initial model's."""
+    import distributed_driver as driver
+    from transformers import AutoModelForCausalLM
+
+    from alignfast.trainers.generation import Sampling, sample_completions
+
+    two, one = tmp_path / "two", tmp_path / "one"
+    _torchrun(tiny_model_dir, two, "--fsdp", "--shard-head", "--stages", "grpo,ppo")
+    assert json.load(open(two / "grpo" / "gathers.json"))["fsdp"], "the model was not wrapped by FSDP2"
+    args = driver.parse_args([tiny_model_dir, str(one), "--batch", "16", "--steps", str(STEPS), "--stages", "grpo",
+                              "--replay", str(two)])
+    driver.run(args, driver.make_accelerator(args))
+    _assert_same_run(two, one, "grpo")
+
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    for rank in range(2):
+        calls = json.load(open(two / "ppo" / f"completions_{rank}.json"))
+        assert len(calls) == STEPS
+        seed, prompts, completions = calls[0]
+        assert completions == sample_completions(initial, prompts, Sampling(max_new_tokens=driver.MAX_NEW_TOKENS),
+                                                 eos_token_id=initial.config.eos_token_id,
+                                                 pad_token_id=initial.config.pad_token_id, seed=seed), rank
+    trained = load_file(two / "ppo" / "model.safetensors")
+    before = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    assert any(not torch.equal(trained[k], before[k]) for k in trained), "PPO did not change the policy"
