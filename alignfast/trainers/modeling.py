@@ -150,8 +150,10 @@ class HiddenStatesModel(nn.Module):
         super().__init__()
         self.causal_lm = causal_lm
 
-    def forward(self, input_ids, attention_mask):
-        out = backbone(self.causal_lm)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        """attention_mask: [B, T] (1 on tokens), or a 4D mask / None for packed rows (`data/packing.py`)."""
+        out = backbone(self.causal_lm)(input_ids=input_ids, attention_mask=attention_mask,
+                                       position_ids=position_ids, use_cache=False)
         return out.last_hidden_state
 
     def head(self) -> Head:
