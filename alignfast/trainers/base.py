@@ -337,4 +337,7 @@ class Trainer:
         return self.step
 
     def end_training(self) -> None:
+        # every process reaches the end before the group is torn down: a process that exits while
+        # another still talks to the rendezvous store can abort it ("terminate called ...")
+        self.accelerator.wait_for_everyone()
         self.accelerator.end_training()

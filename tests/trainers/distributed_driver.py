@@ -142,6 +142,7 @@ def main():
     args = parse_args()
     acc = make_accelerator(args)
     run(args, acc, _count_gathers())
+    acc.wait_for_everyone()  # as Trainer.end_training: no process tears the group down early
     acc.end_training()
 
 
