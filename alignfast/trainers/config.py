@@ -53,6 +53,8 @@ class TrainConfig:
     output_dir: str = opt("outputs/run", "where checkpoints, metrics.jsonl and the final model go")
     run_name: str | None = opt(None, "name in the logs; default: from the config hash")
     dtype: str = opt("float32", "model weights dtype: float32, bfloat16 or float16")
+    attn_implementation: str = opt("auto", "auto (flash_attention_2 on a GPU with flash_attn installed, else "
+                                           "sdpa), or one of transformers': sdpa, eager, flash_attention_2, ...")
     trust_remote_code: bool = opt(False, "allow a model's own Python code (off: no foreign code runs)")
     use_peft: bool = opt(False, "train LoRA adapters (needs `peft`)")
     lora_r: int = opt(16, "LoRA rank")
@@ -104,6 +106,10 @@ class TrainConfig:
                 raise ValueError(f"{key}: {value!r} is neither an existing file or directory nor a hub id")
         _choice(self, "on_bad_record", ("error", "skip"))
         _choice(self, "dtype", DTYPES)
+        if not isinstance(self.attn_implementation, str) or not self.attn_implementation:
+            raise ValueError(f"attn_implementation must be a name, got {self.attn_implementation!r}")
+        if self.attn_implementation.startswith("flash_attention_2") and importlib.util.find_spec("flash_attn") is None:
+            raise ValueError(f"attn_implementation={self.attn_implementation!r} needs the flash_attn package")
         _choice(self, "lr_scheduler", SCHEDULERS)
         for key in ("per_device_batch_size", "gradient_accumulation_steps", "logging_steps"):
             _positive(self, key)

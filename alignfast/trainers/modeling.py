@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -27,12 +28,25 @@ def load_tokenizer(cfg):
     return tok
 
 
+def attn_implementation(cfg) -> str:
+    """cfg.attn_implementation, with "auto" resolved: flash-attention 2 where it can run (a CUDA device
+    and the flash_attn package; SFT packing then goes padding-free), else PyTorch's SDPA."""
+    choice = getattr(cfg, "attn_implementation", "auto")
+    if choice != "auto":
+        return choice
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None \
+            and DTYPES[cfg.dtype] in (torch.bfloat16, torch.float16):
+        return "flash_attention_2"
+    return "sdpa"
+
+
 def load_causal_lm(cfg, path: str | None = None):
     """AutoModelForCausalLM from `path` (default cfg.model), safetensors weights, no remote code
-    unless `trust_remote_code`."""
+    unless `trust_remote_code`, attention per `attn_implementation(cfg)`."""
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path or cfg.model, dtype=DTYPES[cfg.dtype],
+                                                attn_implementation=attn_implementation(cfg),
                                                 trust_remote_code=cfg.trust_remote_code, use_safetensors=True)
 
 

@@ -30,6 +30,7 @@ def no_model_loading(monkeypatch):
     (KTOConfig, ["per_device_batch_size=1"], "per_device_batch_size"),
     (SFTConfig, ["dataset=/no/such.jsonl"], "dataset"),
     (SFTConfig, ["dataset=no_such.jsonl"], "dataset"),
+    (SFTConfig, ["attn_implementation=flash_attention_2"], "attn_implementation"),   # flash_attn absent here
     (SFTConfig, ["eval_dataset=./no/such/dir"], "eval_dataset"),
     (DPOConfig, ["method=rlhf"], "method"),
     (DPOConfig, ["method=cpo", "loss_type=robust"], "loss_type"),

@@ -7,6 +7,8 @@ import torch
 
 from trainer_helpers import make_trainer
 
+from alignfast.trainers import SFTConfig, load_config
+
 LR = {"sft": 3e-3, "reward": 3e-3, "dpo": 3e-3, "kto": 3e-3}
 
 
@@ -121,3 +123,13 @@ def test_dpo_trainer_matches_functional_dpo_loss(tiny_model_dir, tmp_path):
                               chosen_lengths=lengths.chunk(2)[0], rejected_lengths=lengths.chunk(2)[1])
     torch.testing.assert_close(loss_sum, losses.sum(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(metrics["rewards/margins"], (rc - rr).sum(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("choice,expected", [("auto", "sdpa"), ("eager", "eager")])
+def test_attn_implementation_reaches_the_model(choice, expected, tiny_model_dir):
+    """auto is SDPA without a GPU and flash_attn (flash_attention_2 where both exist)."""
+    from alignfast.trainers.modeling import attn_implementation, load_causal_lm
+
+    cfg = load_config(SFTConfig, None, [f"attn_implementation={choice}"], model=tiny_model_dir)
+    assert attn_implementation(cfg) == expected
+    assert load_causal_lm(cfg).config._attn_implementation == expected
