@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
+from alignfast.ops.options import DEFAULT_CHUNK_BYTES
 from benchmarks.ops import OPS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
@@ -20,10 +21,12 @@ class Case:
     v: int
     dtype: str
     device_type: str   # "cpu" or "cuda"
+    model: str = ""    # the model whose LM head the shape is (scaled down in a CPU suite), or ""
 
     @property
     def id(self) -> str:
-        return f"{self.op}-{self.impl}-N{self.n}-H{self.h}-V{self.v}-{self.dtype}"
+        model = f"-{self.model}" if self.model else ""
+        return f"{self.op}-{self.impl}{model}-N{self.n}-H{self.h}-V{self.v}-{self.dtype}"
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -40,6 +43,8 @@ class Suite:
     rounds: int           # timed rounds (median and IQR over them)
     warmup: int           # untimed rounds first; then one that measures memory, then the timed ones
     timeout_s: int        # per case process
+    note: str = ""        # how the shapes were chosen, for the report
+    env: dict = field(default_factory=dict)   # case-process environment, unless already set
 
 
 def grid(ops, impls, shapes, dtypes, device) -> tuple:
@@ -48,7 +53,27 @@ def grid(ops, impls, shapes, dtypes, device) -> tuple:
                  for (n, h, v), dt, op, impl in itertools.product(shapes, dtypes, ops, impls))
 
 
+# hidden size and vocabulary of the LM heads of the models the issue names (each model's config.json)
+MODELS = {"Llama-3-8B": (4096, 128256), "Qwen2.5-7B": (3584, 152064), "Gemma-2-2B": (2304, 256000)}
+
+
+def model_grid(ops, impls, models, tokens, dtypes, device, scale: int = 1, once=()) -> tuple:
+    """Each model's head, H and V divided by `scale` (V/H kept), at each token count; the impls in
+    `once` only at the first token count (one row per model and op that records why they cannot run).
+
+    Token counts outermost (the smallest first), then models, as in `grid`."""
+    return tuple(Case(op, impl, n, MODELS[m][0] // scale, MODELS[m][1] // scale, dt, device, model=m)
+                 for n, m, dt, op, impl in itertools.product(tokens, models, dtypes, ops, impls)
+                 if impl not in once or n == tokens[0])
+
+
 CPU_IMPLS = ("naive", "floor", "chunked", "cpp", "torch_compile", "liger", "trl")
+# cpp (alignfast's native CPU backend) is left to the `cpu` suite, to fit the 20 minutes; liger and
+# cce cannot run on a CPU and are recorded once per model (cce: not installed; Liger's CE is Triton)
+CPU_MODEL_IMPLS = ("naive", "floor", "chunked", "torch_compile", "trl", "liger", "cce")
+CPU_MODEL_TOKENS = (256, 512, 1024)
+CPU_MODEL_SCALE = 8
+TRL_DEFAULT_VOCAB_CHUNK = 32768   # benchmarks.third_party.TRL_VOCAB_CHUNK unless the environment sets it
 GPU_IMPLS = ("naive", "floor", "chunked", "triton", "cuda", "liger", "cce", "trl", "torch_compile")
 
 SUITES = {
@@ -57,6 +82,19 @@ SUITES = {
     # the issue's target shape; one naive fwd+bwd takes ~35 s on 2 cores, a case runs warmup+1+rounds
     "cpu": Suite("cpu", grid(OPS, CPU_IMPLS, [(4096, 1024, 128256)], ["fp32"], "cpu"),
                  rounds=3, warmup=1, timeout_s=1800),
+    # the three models' heads with H and V divided by 8 (Llama-3-8B 512/16032, Qwen2.5-7B 448/19008,
+    # Gemma-2-2B 288/32000): V/H as in the model, 1/64 of its arithmetic per token. The chunk budgets
+    # (alignfast's bytes, TRL's vocab tile) are divided by 8 too, so each method splits [N, V] into as
+    # many chunks as at full size. ~15 min on 2 idle cores (benchmarks/README.md: the estimate).
+    "cpu-models": Suite(
+        "cpu-models",
+        model_grid(("linear_logprobs", "linear_cross_entropy"), CPU_MODEL_IMPLS, MODELS, CPU_MODEL_TOKENS,
+                   ["fp32"], "cpu", scale=CPU_MODEL_SCALE, once=("liger", "cce")),
+        rounds=3, warmup=1, timeout_s=600,
+        note=f"LM heads of {', '.join(MODELS)} with H and V divided by {CPU_MODEL_SCALE} (V/H as in the "
+             f"model); chunk budgets divided by {CPU_MODEL_SCALE} too",
+        env={"ALIGNFAST_CHUNK_BYTES": str(DEFAULT_CHUNK_BYTES // CPU_MODEL_SCALE),
+             "ALIGNFAST_BENCH_TRL_VOCAB_CHUNK": str(TRL_DEFAULT_VOCAB_CHUNK // CPU_MODEL_SCALE)}),
     # model-shaped (Llama-3 8B head), a few token counts
     "gpu": Suite("gpu", grid(OPS, GPU_IMPLS, [(n, 4096, 128256) for n in (4096, 8192, 16384)], ["bf16"], "cuda"),
                  rounds=20, warmup=3, timeout_s=600),

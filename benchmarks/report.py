@@ -8,7 +8,7 @@ from pathlib import Path
 from pytest_benchmark.stats import Stats
 
 COLUMNS = [
-    "suite", "op", "impl", "n", "h", "v", "dtype", "status", "reason",
+    "suite", "op", "model", "impl", "n", "h", "v", "dtype", "status", "reason",
     "time_median_s", "time_iqr_s", "rounds", "time_vs_naive", "time_vs_floor",
     "extra_peak_bytes", "mem_vs_naive", "peak_bytes", "baseline_bytes", "produced_bytes", "workspace_bytes",
     "mem_method", "timer", "device_type", "device", "cores", "torch_threads", "torch", "cuda", "triton",
@@ -28,9 +28,9 @@ def _ratio(a, b):
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """time/naive, time/floor, memory/naive: against the rows of the same op, shape and dtype."""
+    """time/naive, time/floor, memory/naive: against the rows of the same op, model, shape and dtype."""
     def key(r):
-        return r["op"], r["n"], r["h"], r["v"], r["dtype"]
+        return r["op"], r.get("model", ""), r["n"], r["h"], r["v"], r["dtype"]
     base = {(key(r), r["impl"]): r for r in rows if r["status"] == "ok"}
     for r in rows:
         naive, floor = base.get((key(r), "naive"), {}), base.get((key(r), "floor"), {})
@@ -40,7 +40,10 @@ def add_ratios(rows: list[dict]) -> None:
         r["mem_vs_naive"] = _ratio(r.get("extra_peak_bytes"), naive.get("extra_peak_bytes")) if ok else None
 
 
-def write_all(rows: list[dict], out: Path) -> list[Path]:
+def write_all(rows: list[dict], out: Path, note: str = "") -> list[Path]:
+    """results.csv, results.json, the plots, and summary.md (the table, then the plots it links)."""
+    from benchmarks.plots import plot_all
+
     out.mkdir(parents=True, exist_ok=True)
     rows = [{c: r.get(c) for c in COLUMNS} for r in rows]
     with open(out / "results.csv", "w", newline="") as f:
@@ -48,9 +51,9 @@ def write_all(rows: list[dict], out: Path) -> list[Path]:
         w.writeheader()
         w.writerows(rows)
     (out / "results.json").write_text(json.dumps(rows, indent=1))
-    (out / "summary.md").write_text(markdown(rows))
-    from benchmarks.plots import plot_all
-    return [out / "results.csv", out / "results.json", out / "summary.md", *plot_all(rows, out)]
+    plots = plot_all(rows, out, note=note)
+    (out / "summary.md").write_text(markdown(rows, note=note, plots=[p.name for p in plots]))
+    return [out / "results.csv", out / "results.json", out / "summary.md", *plots]
 
 
 def _fmt_time(s):
@@ -70,10 +73,12 @@ def _fmt_ratio(x):
     return "" if x is None else f"{x:.2f}x"
 
 
-def markdown(rows: list[dict]) -> str:
+def markdown(rows: list[dict], note: str = "", plots: list[str] = ()) -> str:
+    """The summary table (a model column when the suite's shapes are models'), then the plot files."""
     if not rows:
         return "no results\n"
     m = rows[0]
+    models = any(r.get("model") for r in rows)
     lines = [
         f"# alignfast benchmarks: suite `{m['suite']}`", "",
         f"{m['device']} ({m['device_type']}, {m['cores']} cores, {m['torch_threads']} torch threads); "
@@ -81,17 +86,22 @@ def markdown(rows: list[dict]) -> str:
         f"{m['timestamp']}", "",
         "Time: median (IQR) of fwd+bwd rounds. Extra peak memory: peak beyond inputs, outputs and gradients.",
         "Ratios against `naive` and `floor` of this same run.", "",
+        *([f"Shapes: {note}.", ""] if note else []),
     ]
-    header = "| op | N | H | V | dtype | impl | time | IQR | rounds | time/naive | time/floor | extra peak mem | mem/naive |"
+    header = (f"| op |{' model |' if models else ''} N | H | V | dtype | impl | time | IQR | rounds | "
+              "time/naive | time/floor | extra peak mem | mem/naive |")
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
+        shape = f"| {r['op']} |" + (f" {r.get('model') or ''} |" if models else "")
+        shape += f" {r['n']} | {r['h']} | {r['v']} | {r['dtype']} | {r['impl']} | "
         if r["status"] != "ok":
-            lines.append(f"| {r['op']} | {r['n']} | {r['h']} | {r['v']} | {r['dtype']} | {r['impl']} | "
-                         f"{r['status']}: {(r['reason'] or '').replace('|', '/')[:90]}" + " |" * 7)
+            lines.append(shape + f"{r['status']}: {(r['reason'] or '').replace('|', '/')[:90]}" + " |" * 7)
             continue
         lines.append(
-            f"| {r['op']} | {r['n']} | {r['h']} | {r['v']} | {r['dtype']} | {r['impl']} | "
-            f"{_fmt_time(r['time_median_s'])} | {_fmt_time(r['time_iqr_s'])} | {r['rounds']} | "
+            shape + f"{_fmt_time(r['time_median_s'])} | {_fmt_time(r['time_iqr_s'])} | {r['rounds']} | "
             f"{_fmt_ratio(r['time_vs_naive'])} | {_fmt_ratio(r['time_vs_floor'])} | "
             f"{_fmt_bytes(r['extra_peak_bytes'])} | {_fmt_ratio(r['mem_vs_naive'])} |")
-    return "\n".join(lines) + "\n"
+    if plots:
+        lines += ["", "Plots: " + ", ".join(f"[`{name}`]({name})" for name in plots), ""]
+        lines += [line for name in plots for line in (f"![{name}]({name})", "")]
+    return "\n".join(lines).rstrip("\n") + "\n"

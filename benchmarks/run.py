@@ -1,12 +1,14 @@
 """Run a benchmark suite, each case in its own process, and write the report.
 
     python -m benchmarks.run --suite cpu               # the issue's target shape (slow: ~15 min on 2 cores)
+    python -m benchmarks.run --suite cpu-models        # 3 models' heads scaled by 1/8, N=256-1024 (~15 min)
     python -m benchmarks.run --quick                   # = --suite smoke: tiny shapes, every impl, < ~1 min
     python -m benchmarks.run --suite gpu --dry-run     # list the cases and what would be skipped
     python -m benchmarks.run --suite cpu --rounds 5 --only linear_logprobs --impl naive --impl chunked
 
-Writes results.csv, results.json, summary.md, time.png, memory.png to --out (default
+Writes results.csv, results.json, summary.md and the PNG plots (benchmarks.plots) to --out (default
 benchmarks/results/<suite>/), the pytest-benchmark JSON and log of each case under raw/.
+`alignfast bench ARGS` runs this with ARGS from a source checkout.
 """
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ HERE = Path(__file__).resolve().parent
 # resident set follows the live tensors (glibc's adaptive threshold would keep some freed blocks
 # resident and hide them from the next round's peak); tensors at benchmark shapes are far larger anyway
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**20)}
+# a case's pytest loads only pytest-benchmark: other installed plugins (hypothesis, anyio) cost ~2 s a process
+PYTEST_ENV = {"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,17 +56,24 @@ def static_skip(case: Case) -> str | None:
     return impls.unavailable(case.impl, OPS[case.op], case.device_type)
 
 
+def suite_env(suite) -> dict:
+    """The suite's case-process environment; a variable already set in the environment wins."""
+    return {k: os.environ.get(k, v) for k, v in suite.env.items()}
+
+
 def run_case(case: Case, args, suite, raw: Path) -> dict:
     """Start `pytest benchmarks/test_bench.py` for this case alone; return its result dict."""
     result_path, log_path = raw / f"{case.id}.result.json", raw / f"{case.id}.log"
     result_path.unlink(missing_ok=True)
-    env = {**os.environ, measure.ENV_SUITE: suite.name, measure.ENV_CASE: case.id,
+    env = {**os.environ, **suite_env(suite), measure.ENV_SUITE: suite.name, measure.ENV_CASE: case.id,
            measure.ENV_RESULT: str(result_path),
-           measure.ENV_ROUNDS: str(args.rounds or suite.rounds), measure.ENV_WARMUP: str(args.warmup or suite.warmup)}
+           measure.ENV_ROUNDS: str(args.rounds or suite.rounds),
+           measure.ENV_WARMUP: str(args.warmup or suite.warmup), **PYTEST_ENV}
     if case.device_type == "cpu":
         env.update(MALLOC_ENV)
     cmd = [sys.executable, "-m", "pytest", str(HERE / "test_bench.py"), "-q", "-p", "no:cacheprovider",
-           "-o", "addopts=", f"--benchmark-json={raw / (case.id + '.benchmark.json')}"]
+           "-p", "pytest_benchmark.plugin", "-o", "addopts=",
+           f"--benchmark-json={raw / (case.id + '.benchmark.json')}"]
     try:
         with open(log_path, "w") as log:
             subprocess.run(cmd, cwd=machine.ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -93,9 +104,11 @@ def main(argv=None) -> int:
     suite = SUITES[args.suite]
     cases = [c for c in suite.cases if (not args.only or any(s in c.id for s in args.only))
              and (not args.impl or c.impl in args.impl)]
+    env = suite_env(suite)
+    note = "; ".join(filter(None, [suite.note, " ".join(f"{k}={v}" for k, v in env.items())]))
     if args.dry_run:
         print(f"suite {suite.name}: {len(cases)} cases, {args.rounds or suite.rounds} rounds, "
-              f"{args.warmup or suite.warmup} warmup")
+              f"{args.warmup or suite.warmup} warmup" + (f"\n{note}" if note else ""))
         for c in cases:
             reason = static_skip(c)
             print(f"  {c.id}" + (f"  (skipped: {reason})" if reason else ""))
@@ -106,6 +119,7 @@ def main(argv=None) -> int:
     raw.mkdir(parents=True, exist_ok=True)
     info = {"suite": suite.name, "timestamp": datetime.datetime.now().isoformat(timespec="seconds"),
             **machine.describe(cases[0].device_type if cases else "cpu")}
+    info["chunk_bytes_env"] = env.get("ALIGNFAST_CHUNK_BYTES", info["chunk_bytes_env"])
     print(f"suite {suite.name}: {len(cases)} cases on {info['device']} ({info['cores']} cores), "
           f"torch {info['torch']}, commit {info['git_commit']}", flush=True)
     rows, began = [], time.perf_counter()
@@ -118,9 +132,9 @@ def main(argv=None) -> int:
         rows.append({**info, **case.asdict(), **result})
         print(_progress(i, len(cases), case, rows[-1], time.perf_counter() - start), flush=True)
     report.add_ratios(rows)
-    paths = report.write_all(rows, out)
+    paths = report.write_all(rows, out, note=note)
     print()
-    print(report.markdown(rows))
+    print(report.markdown(rows, note=note))
     print("wrote " + ", ".join(str(p) for p in paths))
     return 1 if any(r["status"] == "error" for r in rows) else 0
 

@@ -4,13 +4,16 @@ Each adapter takes the same keyword inputs as the op's naive function and return
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 # the package each adapter needs: its absence is a "skipped" row, not an error
 PACKAGES = {"liger": "liger_kernel", "trl": "trl", "cce": "cut_cross_entropy"}
 
-# TRL's default vocab tile (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE in TRL 1.16)
-TRL_VOCAB_CHUNK = 32768
+# TRL's default vocab tile (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE in TRL 1.16); a suite of
+# scaled-down heads scales it with ALIGNFAST_BENCH_TRL_VOCAB_CHUNK
+TRL_VOCAB_CHUNK = int(os.environ.get("ALIGNFAST_BENCH_TRL_VOCAB_CHUNK", 32768))
 # Liger's chunked losses torch.compile their per-chunk step by default, as users run them; the
 # adapter test turns it off (same arithmetic, no ~30 s compile)
 LIGER_COMPILED = True
