@@ -6,13 +6,19 @@
                         task, minutes on a CPU: held-out metrics before/after -> DIR/demo.md + plots
     alignfast compare [--tokens N] [--hidden H] [--vocab V]
                         fused `linear_logprobs` vs the naive reference: time and peak memory
+    alignfast bench [--suite {smoke,cpu,cpu-models,gpu}] [--quick] [--dry-run] [--out DIR] [...]
+                        the benchmark suites (`python -m benchmarks.run`, every option passed through;
+                        `alignfast bench --help` lists them): each case in its own process, CSV/JSON,
+                        summary.md and plots; from a source checkout (benchmarks/ is not installed)
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 
 def _options_help(config_class) -> str:
@@ -52,7 +58,21 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--tokens", type=int, default=1024)
     compare.add_argument("--hidden", type=int, default=128)
     compare.add_argument("--vocab", type=int, default=16384)
+    # every option is the runner's (passed through unparsed, --help included): see parse_args
+    sub.add_parser("bench", add_help=False, help="the benchmark suites (python -m benchmarks.run; "
+                                                 "`alignfast bench --help` lists its options)")
     return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line; for `bench`, the arguments after it go to the runner as `runner_args`."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.runner_args = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
 
 
 def run_train(args) -> int:
@@ -139,12 +159,51 @@ def run_compare(args) -> int:
     return 0
 
 
+# ---- bench --------------------------------------------------------------------------------------
+def benchmarks_root() -> Path | None:
+    """The source checkout holding benchmarks/: the one alignfast is installed from (editable), else
+    the working directory; None when neither has it (an installed wheel ships no benchmarks)."""
+    import alignfast
+
+    for root in (Path(alignfast.__file__).resolve().parent.parent, Path.cwd()):
+        if all((root / "benchmarks" / name).is_file() for name in ("run.py", "cases.py", "test_bench.py")):
+            return root
+    return None
+
+
+def _out_from_cwd(runner_args: list[str]) -> list[str]:
+    """The runner runs in the checkout's root: a relative --out stays relative to where the user is."""
+    out, i = list(runner_args), 0
+    while i < len(out):
+        if out[i] == "--out" and i + 1 < len(out):
+            out[i + 1] = os.path.abspath(out[i + 1])
+            i += 1
+        elif out[i].startswith("--out="):
+            out[i] = "--out=" + os.path.abspath(out[i][len("--out="):])
+        i += 1
+    return out
+
+
+def run_bench(args) -> int:
+    """`python -m benchmarks.run ARGS` in the checkout's root; its exit status."""
+    root = benchmarks_root()
+    if root is None:
+        print("alignfast bench: benchmarks/ not found. The benchmarks run from a source checkout of "
+              "alignfast (git clone, `pip install -e .[bench]`, then `alignfast bench` in the clone); "
+              "they are not part of the installed package.", file=sys.stderr)
+        return 2
+    cmd = [sys.executable, "-m", "benchmarks.run", *_out_from_cwd(args.runner_args)]
+    return subprocess.call(cmd, cwd=root)
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     if args.command == "train":
         return run_train(args)
     if args.command == "demo":
         return run_demo(args)
+    if args.command == "bench":
+        return run_bench(args)
     return run_compare(args)
 
 

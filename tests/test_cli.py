@@ -79,3 +79,34 @@ def test_demo_arguments():
 def test_parser_has_all_stages():
     parser = build_parser()
     assert parser.parse_args(["train", "kto", "beta=0.2"]).overrides == ["beta=0.2"]
+
+
+def test_bench_arguments_go_to_the_runner():
+    from alignfast.cli import parse_args
+
+    args = parse_args(["bench", "--suite", "cpu-models", "--dry-run", "--only", "Gemma-2-2B", "--help"])
+    assert args.runner_args == ["--suite", "cpu-models", "--dry-run", "--only", "Gemma-2-2B", "--help"]
+    with pytest.raises(SystemExit):
+        parse_args(["demo", "--suite", "smoke"])   # other commands still reject unknown options
+
+
+def test_bench_relative_out_is_from_the_callers_directory(tmp_path, monkeypatch):
+    from alignfast.cli import _out_from_cwd
+
+    monkeypatch.chdir(tmp_path)
+    assert _out_from_cwd(["--quick", "--out", "r", "--out=s"]) == ["--quick", "--out", str(tmp_path / "r"),
+                                                                   f"--out={tmp_path / 's'}"]
+
+
+def test_bench_dry_run_lists_the_smoke_suite(capfd):
+    assert main(["bench", "--quick", "--dry-run"]) == 0
+    out = capfd.readouterr().out
+    assert "suite smoke" in out and "linear_logprobs-naive-N256-H64-V4096-fp32" in out
+
+
+def test_bench_outside_a_checkout_says_so(monkeypatch, capsys):
+    from alignfast import cli
+
+    monkeypatch.setattr(cli, "benchmarks_root", lambda: None)
+    assert main(["bench", "--quick"]) == 2
+    assert "source checkout" in capsys.readouterr().err
