@@ -14,8 +14,9 @@ def load_records(source, split: str = "train") -> list[dict]:
     """A list of dict records from `source`: a list of dicts, a `datasets.Dataset`, a local path
     ending in .jsonl, .json or .parquet, a directory (`Dataset.save_to_disk`'s, or data files
     `datasets.load_dataset` reads), or a hub id such as `trl-lib/ultrafeedback_binarized` (its
-    `split`; fetched by `datasets`, or read from its cache when offline). A line of a JSONL file that is not valid JSON is kept as a
-    string, so it is reported as a malformed record (with its index) rather than failing the load."""
+    `split`; fetched by `datasets`, or read from its cache when offline). A line of a JSONL file that
+    is not valid JSON is kept as a string, so it is reported as a malformed record (with its index)
+    rather than failing the load."""
     if isinstance(source, (list, tuple)):
         return list(source)
     if hasattr(source, "to_list"):  # datasets.Dataset

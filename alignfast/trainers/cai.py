@@ -216,7 +216,8 @@ class CAITrainer:
         source = train_dataset if train_dataset is not None else self.cfg.dataset
         if source is None:
             raise ValueError("dataset: no prompts (--dataset or dataset=...)")
-        self.prompts = prepare_dataset(load_records(source, self.cfg.dataset_split), "prompt", self.tokenizer, max_length=self.cfg.max_length,
+        records = load_records(source, self.cfg.dataset_split)
+        self.prompts = prepare_dataset(records, "prompt", self.tokenizer, max_length=self.cfg.max_length,
                                        on_bad_record=self.cfg.on_bad_record).examples
         self._model = model
         self._own_feedback = feedback is None  # an LMFeedback this trainer builds (and frees) itself
