@@ -67,6 +67,9 @@ def model_grid(ops, impls, models, tokens, dtypes, device, scale: int = 1, once=
                  if impl not in once or n == tokens[0])
 
 
+# the ops the cpu and gpu suites were sized with; the other fused losses have their own suite, cpu-losses
+HEAD_OPS = ("linear_logprobs", "linear_cross_entropy", "cross_entropy_filtered", "dpo")
+LOSS_OPS = ("dpo", "kto", "ppo", "grpo", "simpo", "orpo", "cpo")
 CPU_IMPLS = ("naive", "floor", "chunked", "cpp", "torch_compile", "liger", "trl")
 # cpp (alignfast's native CPU backend) is left to the `cpu` suite, to fit the 20 minutes; liger and
 # cce cannot run on a CPU and are recorded once per model (cce: not installed; Liger's CE is Triton)
@@ -80,7 +83,7 @@ SUITES = {
     "smoke": Suite("smoke", grid(OPS, CPU_IMPLS, [(256, 64, 4096)], ["fp32"], "cpu"),
                    rounds=5, warmup=1, timeout_s=300),
     # the issue's target shape; one naive fwd+bwd takes ~35 s on 2 cores, a case runs warmup+1+rounds
-    "cpu": Suite("cpu", grid(OPS, CPU_IMPLS, [(4096, 1024, 128256)], ["fp32"], "cpu"),
+    "cpu": Suite("cpu", grid(HEAD_OPS, CPU_IMPLS, [(4096, 1024, 128256)], ["fp32"], "cpu"),
                  rounds=3, warmup=1, timeout_s=1800),
     # the three models' heads with H and V divided by 8 (Llama-3-8B 512/16032, Qwen2.5-7B 448/19008,
     # Gemma-2-2B 288/32000): V/H as in the model, 1/64 of its arithmetic per token. The chunk budgets
@@ -95,8 +98,17 @@ SUITES = {
              f"model); chunk budgets divided by {CPU_MODEL_SCALE} too",
         env={"ALIGNFAST_CHUNK_BYTES": str(DEFAULT_CHUNK_BYTES // CPU_MODEL_SCALE),
              "ALIGNFAST_BENCH_TRL_VOCAB_CHUNK": str(TRL_DEFAULT_VOCAB_CHUNK // CPU_MODEL_SCALE)}),
+    # the fused alignment losses, DPO to CPO, at a shape all seven fit in one run: 4 sequences of 512
+    # tokens, a 32000 vocabulary (Llama-2's and Mistral-7B's)
+    "cpu-losses": Suite(
+        "cpu-losses",
+        grid(LOSS_OPS, ("naive", "floor", "chunked", "liger", "trl"), [(2048, 1024, 32000)], ["fp32"], "cpu"),
+        rounds=3, warmup=1, timeout_s=900,
+        note="N=2048 (4 sequences of 512), H=1024, V=32000: a quarter of the vocabulary and half the tokens "
+             "of the DPO target shape (N=4096, V=128256), so all seven methods fit one ~15-minute run"),
     # model-shaped (Llama-3 8B head), a few token counts
-    "gpu": Suite("gpu", grid(OPS, GPU_IMPLS, [(n, 4096, 128256) for n in (4096, 8192, 16384)], ["bf16"], "cuda"),
+    "gpu": Suite("gpu", grid(HEAD_OPS, GPU_IMPLS, [(n, 4096, 128256) for n in (4096, 8192, 16384)], ["bf16"],
+                             "cuda"),
                  rounds=20, warmup=3, timeout_s=600),
 }
 

@@ -63,6 +63,62 @@ def liger_dpo(hidden, weight, targets, ref_hidden, ref_weight, seq_len, beta=0.1
     return loss[0]
 
 
+def liger_kto(hidden, weight, targets, seq_len, ref_hidden, ref_weight, desirable, kl, beta=0.1):
+    """Liger-Kernel's LigerFusedLinearKTOLoss with its reference model and the given z0 (`kl`):
+    torch.compile'd chunks of one sequence, as liger_dpo. It runs on a CPU."""
+    from liger_kernel.chunked_loss import LigerFusedLinearKTOLoss
+
+    h = hidden.shape[-1]
+    return LigerFusedLinearKTOLoss(beta=beta, compiled=LIGER_COMPILED, use_ref_model=True)(
+        hidden.view(-1, seq_len, h), weight, targets.view(-1, seq_len), preference_labels=desirable,
+        ref_input=ref_hidden.view(-1, seq_len, h), ref_weight=ref_weight, kl=kl)[0]
+
+
+def liger_grpo(hidden, weight, targets, seq_len, ref_hidden, ref_weight, old_logprobs, advantages, beta=0.04):
+    """Liger-Kernel's LigerFusedLinearGRPOLoss ("dapo", its default), the reference's log-probs in
+    the same pass: chunks of one sequence, its log-probs streamed over vocab tiles (gradient by
+    recompute), only the loss arithmetic torch.compile'd. It runs on a CPU."""
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    h = hidden.shape[-1]
+    labels = targets.view(-1, seq_len)
+    mask = torch.ones(labels.shape, device=labels.device)
+    return LigerFusedLinearGRPOLoss(beta=beta, loss_type="dapo", compiled=LIGER_COMPILED)(
+        hidden.view(-1, seq_len, h), weight, labels, mask, advantages, old_per_token_logps=old_logprobs,
+        ref_input=ref_hidden.view(-1, seq_len, h), ref_weight=ref_weight)[0]
+
+
+def _liger_preference(loss_class, hidden, weight, targets, seq_len, **options):
+    h = hidden.shape[-1]
+    return loss_class(compiled=LIGER_COMPILED, **options)(weight, hidden.view(-1, seq_len, h),
+                                                          targets.view(-1, seq_len))[0]
+
+
+def liger_simpo(hidden, weight, targets, seq_len, beta=2.0, gamma=0.5):
+    """Liger-Kernel's LigerFusedLinearSimPOLoss (length-averaged log-probs) without its NLL term (on by
+    default in the module, not part of SimPO): chunks of one pair, as liger_dpo. It runs on a CPU."""
+    from liger_kernel.chunked_loss import LigerFusedLinearSimPOLoss
+
+    return _liger_preference(LigerFusedLinearSimPOLoss, hidden, weight, targets, seq_len, beta=beta,
+                             gamma=gamma, compute_nll_loss=False)
+
+
+def liger_orpo(hidden, weight, targets, seq_len, beta=0.1):
+    """Liger-Kernel's LigerFusedLinearORPOLoss: the chosen NLL (token mean) plus β times the odds-ratio
+    term; chunks of one pair, as liger_dpo. It runs on a CPU."""
+    from liger_kernel.chunked_loss import LigerFusedLinearORPOLoss
+
+    return _liger_preference(LigerFusedLinearORPOLoss, hidden, weight, targets, seq_len, beta=beta)
+
+
+def liger_cpo(hidden, weight, targets, seq_len, beta=0.1):
+    """Liger-Kernel's LigerFusedLinearCPOLoss: sigmoid on summed log-probs plus the chosen NLL (alpha
+    1); chunks of one pair, as liger_dpo. It runs on a CPU."""
+    from liger_kernel.chunked_loss import LigerFusedLinearCPOLoss
+
+    return _liger_preference(LigerFusedLinearCPOLoss, hidden, weight, targets, seq_len, beta=beta, alpha=1.0)
+
+
 def cce_cross_entropy(hidden, weight, targets):
     """Apple's Cut Cross-Entropy."""
     from cut_cross_entropy import linear_cross_entropy

@@ -13,7 +13,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 IMPLS = ("naive", "floor", "chunked", "cpp", "liger")   # the fast ones; torch_compile and trl take ~1 min more
-OPS = ("linear_logprobs", "linear_cross_entropy", "cross_entropy_filtered", "dpo")
+OPS = ("linear_logprobs", "linear_cross_entropy", "cross_entropy_filtered", "dpo", "kto", "ppo", "grpo",
+       "simpo", "orpo", "cpo")
 COLUMNS = {"suite", "op", "impl", "n", "h", "v", "dtype", "status", "reason", "time_median_s", "time_iqr_s",
            "rounds", "time_vs_naive", "time_vs_floor", "extra_peak_bytes", "mem_vs_naive", "peak_bytes",
            "device", "cores", "torch", "triton", "alignfast", "git_commit"}
@@ -64,7 +65,7 @@ def test_rows_and_ratios(smoke, op):
     assert float(rows[op, "naive"]["time_vs_naive"]) == 1.0
     assert float(rows[op, "floor"]["time_vs_floor"]) == 1.0
     assert rows[op, "cpp"]["status"] in ("ok", "skipped")
-    # every impl has its row; one that cannot run here says why (Liger is Triton: no CPU)
+    # every impl has its row; one that cannot run here says why (Liger's CE is Triton; Liger has no PPO)
     assert all(r["status"] == "ok" or r["reason"] for r in rows.values())
 
 

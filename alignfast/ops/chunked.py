@@ -1,12 +1,16 @@
-"""The token-chunked driver shared by the `chunked` and `cpp` backends.
+"""The chunked driver shared by the `chunked`, `cpp` and `cuda` backends.
 
-Tokens are processed `rows` at a time (a byte budget, see `LogitOptions.chunk_rows`): one BLAS
-call makes the [rows, V] block of logits, a row kernel (`alignfast.ops.rowwise` in PyTorch, or
-`alignfast.ops.native_rows` in C++) reduces it or turns it into its gradient in place, and two
-more BLAS calls push that gradient to `hidden` and `weight`. The [N, V] logits never exist.
+The forward takes tokens `rows` at a time (a byte budget, see `LogitOptions.chunk_rows`): one BLAS
+call makes the [rows, V] block of logits and a row kernel (`alignfast.ops.rowwise` in PyTorch, or
+`alignfast.ops.native_rows` in C++/CUDA) reduces it. The backward knows each row's lse (and entropy)
+from the forward, so its blocks are vocab slices instead ([N, cols], `LogitOptions.block_shape`):
+the row kernel turns each into ∂L/∂z in place and two more BLAS calls push it to `hidden` and
+`weight`, every product with N as a dimension and each grad_weight row written once. When the
+upstream gradient is known in the forward (mean/sum cross-entropy, the fused losses),
+`forward_backward` does both in one sweep of token chunks. The [N, V] logits never exist.
 
 Vocab projections per call: forward 1; backward 3 (recompute, grad_hidden, grad_weight);
-`forward_backward`, for an upstream gradient known in the forward (mean/sum cross-entropy), 3.
+`forward_backward` 3.
 """
 from __future__ import annotations
 
@@ -69,17 +73,45 @@ class ChunkedLogProbs:
 
     def backward(self, hidden, weight, bias, targets, lse, entropy, grads, opts: LogitOptions, needs):
         """grads = (g_logprob, g_entropy, g_lse, g_zmean), each [N] or None; needs = which of
-        (hidden, weight, bias) want a gradient."""
-        acc = _GradAccumulator(hidden, weight, bias, needs, opts.grad_filter_eps)
-        step = opts.chunk_rows(weight.shape[0], compute_dtype(hidden.dtype))
-        block = _BlockBuffer(hidden, weight)
-        for start in range(0, hidden.shape[0], step):
-            sl = slice(start, start + step)
-            z = logits_block(hidden[sl], weight, bias, out=block(min(step, hidden.shape[0])))
-            chunk_grads = [None if g is None else g[sl] for g in grads]
-            ent = None if entropy is None else entropy[sl]
-            acc.add(sl, self.rows.grad_(z, targets[sl], lse[sl], ent, *chunk_grads, opts))
+        (hidden, weight, bias) want a gradient. lse and entropy are known from the forward, so the
+        blocks can be vocab slices ([N, cols], `LogitOptions.block_shape`): no online reduction."""
+        n, vocab, cdtype = hidden.shape[0], weight.shape[0], compute_dtype(hidden.dtype)
+        rows, cols = opts.block_shape(n, vocab, cdtype)
+        acc = _GradAccumulator(hidden, weight, bias, needs, opts.grad_filter_eps, whole_rows=cols >= vocab)
+        buf = torch.empty(min(rows, n) * cols, dtype=cdtype, device=hidden.device)
+        for start in range(0, n, rows):
+            sl = slice(start, start + rows)
+            row_args = [targets[sl], lse[sl], None if entropy is None else entropy[sl],
+                        *(None if g is None else g[sl] for g in grads)]
+            h = hidden[sl]
+            for v0 in range(0, vocab, cols):
+                vs = slice(v0, min(v0 + cols, vocab))
+                block = buf[: h.shape[0] * (vs.stop - v0)].view(h.shape[0], vs.stop - v0)
+                z = logits_block(h, weight[vs], None if bias is None else bias[vs], out=block)
+                acc.add(sl, self._grad_columns_(z, vs, vocab, *row_args, opts), vs)
         return acc.result()
+
+    def _grad_columns_(self, z, cols: slice, vocab, targets, lse, entropy, g_logprob, g_entropy, g_lse,
+                       g_zmean, opts):
+        """`rows.grad_` on the vocab slice `cols` of the rows' logits: the one-hot term is added here,
+        where the target falls in the slice, and the mean logit's 1/V is over the whole vocabulary."""
+        width = z.shape[1]
+        if width == vocab:
+            return self.rows.grad_(z, targets, lse, entropy, g_logprob, g_entropy, g_lse, g_zmean, opts)
+        local = targets - cols.start
+        hit = ((local >= 0) & (local < width)).nonzero().squeeze(1)
+        if g_logprob is not None:  # the kernel's p·(g_lse − g_lp) part, without its one-hot term
+            z_t = z[hit, local[hit]]   # raw target logits, before the kernel overwrites them
+            g_lse = -g_logprob if g_lse is None else g_lse - g_logprob
+        if g_zmean is not None:
+            g_zmean = g_zmean * (width / vocab)
+        dz = self.rows.grad_(z, local.clamp(0, width - 1), lse, entropy, None, g_entropy, g_lse, g_zmean, opts)
+        if g_logprob is not None:
+            one_hot = g_logprob.expand(targets.shape[0])[hit] / opts.temperature
+            if opts.softcap is not None:
+                one_hot = one_hot * (1 - torch.tanh(z_t / opts.softcap).square())
+            dz[hit, local[hit]] += one_hot.to(dz.dtype)
+        return dz
 
     def forward_backward(self, hidden, weight, bias, targets, opts: LogitOptions, upstream: Upstream, needs,
                          *, bounds=None):
@@ -112,55 +144,80 @@ class ChunkedLogProbs:
 
 
 class _GradAccumulator:
-    """grad_hidden rows, and grad_weight / grad_bias summed over chunks in the accumulation dtype.
+    """grad_hidden, grad_weight and grad_bias from blocks of ∂L/∂z: a [rows, cols] block adds
+    dz·W[cols] to grad_hidden[rows], dzᵀ·h[rows] to grad_weight[cols] and Σ dz to grad_bias[cols],
+    in the accumulation dtype. The first block of its rows (cols.start == 0) or of its columns
+    (rows.start == 0) writes its product instead of adding it: no zero fill, no extra read.
 
-    The first chunk's product allocates grad_weight (`mm`) instead of adding into zeros: that saves
-    writing and re-reading a [V, H] buffer, ~2% of a CPU backward at Llama-3's head size."""
+    whole_rows: every block spans the whole vocabulary, so grad_hidden's rows are written once,
+    straight in hidden's dtype (the low-precision product stays in bf16/fp16 on tensor cores).
+    With `grad_filter_eps`, the vocab columns of a block whose every |dz| is below it are skipped."""
 
-    def __init__(self, hidden, weight, bias, needs, grad_filter_eps: float | None = None):
-        self.hidden, self.weight, self.eps = hidden, weight, grad_filter_eps
+    def __init__(self, hidden, weight, bias, needs, grad_filter_eps: float | None = None, *,
+                 whole_rows: bool = True):
+        self.hidden, self.weight, self.eps, self.whole_rows = hidden, weight, grad_filter_eps, whole_rows
         self.cdtype = compute_dtype(hidden.dtype)
         self.need_h, self.need_w, self.need_b = needs[0], needs[1], needs[2] and bias is not None
-        self.gh = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if self.need_h else None
-        self.gw = self.gb = None
+        # filtered blocks add into zeros; so does an empty batch's result
+        alloc = torch.zeros if grad_filter_eps is not None or hidden.shape[0] == 0 else torch.empty
+        gh_dtype = hidden.dtype if whole_rows else self.cdtype
+        self.gh = alloc(hidden.shape, dtype=gh_dtype, device=hidden.device) if self.need_h else None
+        self.gw = alloc(weight.shape, dtype=self.cdtype, device=weight.device) if self.need_w else None
+        self.gb = alloc(weight.shape[0], dtype=self.cdtype, device=weight.device) if self.need_b else None
         self.bias_dtype = None if bias is None else bias.dtype
 
-    def add(self, sl: slice, dz: torch.Tensor) -> None:
+    def add(self, rows: slice, dz: torch.Tensor, cols: slice | None = None) -> None:
+        cols = slice(0, self.weight.shape[0]) if cols is None else cols
+        w, h = self.weight[cols], self.hidden[rows]
         if self.eps is not None:
             kept = (dz.abs().amax(dim=0) >= self.eps).nonzero().squeeze(1)
             if kept.numel() < dz.shape[1]:
-                return self._add_columns(sl, dz, kept)
+                return self._add_columns(rows, cols, dz, kept)
+        first_cols, first_rows = cols.start == 0 and self.eps is None, rows.start == 0 and self.eps is None
         if self.need_h:
-            torch.mm(dz.to(self.hidden.dtype), self.weight, out=self.gh[sl])
+            if self.gh.dtype == self.cdtype:   # fp32 (fp64) inputs, or blocks of vocab slices
+                product = dz if w.dtype == dz.dtype else dz.to(w.dtype)
+                if w.dtype == self.cdtype:
+                    _mm_into(self.gh[rows], product, w, add=not first_cols)
+                else:
+                    _into(self.gh[rows], torch.mm(product, w), add=not first_cols)
+            else:
+                torch.mm(dz.to(w.dtype), w, out=self.gh[rows])
         if self.need_w:  # low-precision inputs: this product runs in fp32 (exact accumulation)
-            h = self.hidden[sl].to(self.cdtype)
-            self.gw = torch.mm(dz.t(), h) if self.gw is None else self.gw.addmm_(dz.t(), h)
+            _mm_into(self.gw[cols], dz.t(), h.to(self.cdtype), add=not first_rows)
         if self.need_b:
-            self.gb = dz.sum(dim=0) if self.gb is None else self.gb.add_(dz.sum(dim=0))
+            _into(self.gb[cols], dz.sum(dim=0), add=not first_rows)
 
-    def _add_columns(self, sl: slice, dz: torch.Tensor, kept: torch.Tensor) -> None:
+    def _add_columns(self, rows: slice, cols: slice, dz: torch.Tensor, kept: torch.Tensor) -> None:
         """`add` with the vocab columns outside `kept` taken as zero: the products shrink to them."""
         dz = dz.index_select(1, kept)
         if self.need_h:
-            torch.mm(dz.to(self.hidden.dtype), self.weight.index_select(0, kept), out=self.gh[sl])
+            w = self.weight[cols].index_select(0, kept)
+            self.gh[rows] += torch.mm(dz.to(w.dtype), w).to(self.gh.dtype)
         if self.need_w:
-            if self.gw is None:
-                self.gw = torch.zeros(self.weight.shape, dtype=self.cdtype, device=self.weight.device)
-            self.gw.index_add_(0, kept, torch.mm(dz.t(), self.hidden[sl].to(self.cdtype)))
+            self.gw[cols].index_add_(0, kept, torch.mm(dz.t(), self.hidden[rows].to(self.cdtype)))
         if self.need_b:
-            if self.gb is None:
-                self.gb = torch.zeros(self.weight.shape[0], dtype=self.cdtype, device=self.weight.device)
-            self.gb.index_add_(0, kept, dz.sum(dim=0))
+            self.gb[cols].index_add_(0, kept, dz.sum(dim=0))
 
     def result(self):
-        vocab, device = self.weight.shape[0], self.weight.device
-        gw = gb = None
-        if self.need_w:
-            gw = (torch.zeros_like(self.weight) if self.gw is None else self.gw.to(self.weight.dtype))
-        if self.need_b:
-            gb = (torch.zeros(vocab, dtype=self.bias_dtype, device=device) if self.gb is None
-                  else self.gb.to(self.bias_dtype))
-        return self.gh, gw, gb
+        gh = None if self.gh is None else self.gh.to(self.hidden.dtype)
+        gw = None if self.gw is None else self.gw.to(self.weight.dtype)
+        gb = None if self.gb is None else self.gb.to(self.bias_dtype)
+        return gh, gw, gb
+
+
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, add: bool) -> None:
+    if add:
+        out.addmm_(a, b)
+    else:
+        torch.mm(a, b, out=out)
+
+
+def _into(out: torch.Tensor, value: torch.Tensor, *, add: bool) -> None:
+    if add:
+        out.add_(value)
+    else:
+        out.copy_(value)
 
 
 def _empty_stats(n: int, opts: LogitOptions, dtype, device) -> RowStats:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
+# the backward's blocks are at least this many vocab columns wide (or the whole vocabulary)
+MIN_BLOCK_COLS = 4096
 
 
 @dataclass(frozen=True)
@@ -34,9 +36,33 @@ class LogitOptions:
         """
         if self.chunk_size is not None:
             return self.chunk_size
-        budget = int(os.environ.get("ALIGNFAST_CHUNK_BYTES", DEFAULT_CHUNK_BYTES))
-        itemsize = max(torch.finfo(dtype).bits // 8, 4)
-        return max(1, budget // (vocab * itemsize))
+        return max(1, _budget() // (vocab * _itemsize(dtype)))
+
+    def block_shape(self, tokens: int, vocab: int, dtype: torch.dtype = torch.float32) -> tuple[int, int]:
+        """(rows, cols) of the backward's [rows, cols] logits blocks, within the same byte budget.
+
+        All tokens by as many vocab columns as fit, so that every product has N as a dimension and
+        each grad_weight row is written once (token chunks would re-read all of grad_weight per
+        chunk: 1 GiB of traffic each at Llama-3's head); with so many tokens that fewer than
+        MIN_BLOCK_COLS columns would fit, MIN_BLOCK_COLS columns by as many rows as fit.
+        `chunk_size` given: (chunk_size, vocab), token chunks of whole rows.
+        """
+        if self.chunk_size is not None:
+            return self.chunk_size, vocab
+        budget, itemsize = _budget(), _itemsize(dtype)
+        min_cols = min(vocab, MIN_BLOCK_COLS)
+        cols = budget // (max(tokens, 1) * itemsize)
+        if cols >= min_cols:
+            return max(tokens, 1), min(cols, vocab)
+        return max(1, budget // (min_cols * itemsize)), min_cols
+
+
+def _budget() -> int:
+    return int(os.environ.get("ALIGNFAST_CHUNK_BYTES", DEFAULT_CHUNK_BYTES))
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return max(torch.finfo(dtype).bits // 8, 4)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

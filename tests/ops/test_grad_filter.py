@@ -48,7 +48,7 @@ def test_error_within_the_skipped_mass_and_most_columns_skipped(backend, monkeyp
     kept = []
     original = chunked._GradAccumulator._add_columns
     monkeypatch.setattr(chunked._GradAccumulator, "_add_columns",
-                        lambda self, sl, dz, k: (kept.append(k.numel()), original(self, sl, dz, k))[1])
+                        lambda self, rows, cols, dz, k: (kept.append(k.numel()), original(self, rows, cols, dz, k))[1])
     _, gh_ref, gw_ref = grads("reference", hidden, weight, targets, upstream)
     out, gh, gw = grads(backend, hidden, weight, targets, upstream, grad_filter_eps=eps, chunk_size=16)
 
