@@ -155,7 +155,7 @@ class _GradAccumulator:
 
     def __init__(self, hidden, weight, bias, needs, grad_filter_eps: float | None = None, *,
                  whole_rows: bool = True):
-        self.hidden, self.weight, self.eps, self.whole_rows = hidden, weight, grad_filter_eps, whole_rows
+        self.hidden, self.weight, self.eps = hidden, weight, grad_filter_eps
         self.cdtype = compute_dtype(hidden.dtype)
         self.need_h, self.need_w, self.need_b = needs[0], needs[1], needs[2] and bias is not None
         # filtered blocks add into zeros; so does an empty batch's result
@@ -175,14 +175,10 @@ class _GradAccumulator:
                 return self._add_columns(rows, cols, dz, kept)
         first_cols, first_rows = cols.start == 0 and self.eps is None, rows.start == 0 and self.eps is None
         if self.need_h:
-            if self.gh.dtype == self.cdtype:   # fp32 (fp64) inputs, or blocks of vocab slices
-                product = dz if w.dtype == dz.dtype else dz.to(w.dtype)
-                if w.dtype == self.cdtype:
-                    _mm_into(self.gh[rows], product, w, add=not first_cols)
-                else:
-                    _into(self.gh[rows], torch.mm(product, w), add=not first_cols)
-            else:
-                torch.mm(dz.to(w.dtype), w, out=self.gh[rows])
+            if w.dtype == self.gh.dtype:   # the product lands in grad_hidden directly
+                _mm_into(self.gh[rows], dz.to(w.dtype), w, add=not first_cols)
+            else:   # a low-precision head over vocab slices: its bf16/fp16 products summed in fp32
+                _into(self.gh[rows], torch.mm(dz.to(w.dtype), w), add=not first_cols)
         if self.need_w:  # low-precision inputs: this product runs in fp32 (exact accumulation)
             _mm_into(self.gw[cols], dz.t(), h.to(self.cdtype), add=not first_rows)
         if self.need_b:
