@@ -9,7 +9,7 @@ from pytest_benchmark.stats import Stats
 
 COLUMNS = [
     "suite", "op", "model", "impl", "n", "h", "v", "dtype", "status", "reason",
-    "time_median_s", "time_iqr_s", "rounds", "time_vs_naive", "time_vs_floor",
+    "time_median_s", "time_iqr_s", "rounds", "passes", "time_vs_naive", "time_vs_floor",
     "extra_peak_bytes", "mem_vs_naive", "peak_bytes", "baseline_bytes", "produced_bytes", "workspace_bytes",
     "mem_method", "timer", "device_type", "device", "cores", "torch_threads", "torch", "cuda", "triton",
     "alignfast", "liger_kernel", "trl", "git_commit", "chunk_bytes_env", "timestamp",
@@ -78,13 +78,17 @@ def markdown(rows: list[dict], note: str = "", plots: list[str] = ()) -> str:
     if not rows:
         return "no results\n"
     m = rows[0]
+    passes = max(r.get("passes") or 1 for r in rows)
     models = any(r.get("model") for r in rows)
     lines = [
         f"# alignfast benchmarks: suite `{m['suite']}`", "",
         f"{m['device']} ({m['device_type']}, {m['cores']} cores, {m['torch_threads']} torch threads); "
         f"torch {m['torch']}, triton {m['triton'] or '-'}, alignfast {m['alignfast']}, commit {m['git_commit']}, "
         f"{m['timestamp']}", "",
-        "Time: median (IQR) of fwd+bwd rounds. Extra peak memory: peak beyond inputs, outputs and gradients.",
+        "Time: median (IQR) of fwd+bwd rounds"
+        + (f", pooled over {passes} interleaved passes (every case once per pass, each in its own process)"
+           if passes > 1 else "")
+        + ". Extra peak memory: peak beyond inputs, outputs and gradients.",
         "Ratios against `naive` and `floor` of this same run.", "",
         *([f"Shapes: {note}.", ""] if note else []),
     ]

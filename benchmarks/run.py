@@ -5,6 +5,7 @@
     python -m benchmarks.run --quick                   # = --suite smoke: tiny shapes, every impl, < ~1 min
     python -m benchmarks.run --suite gpu --dry-run     # list the cases and what would be skipped
     python -m benchmarks.run --suite cpu --rounds 5 --only linear_logprobs --impl naive --impl chunked
+    python -m benchmarks.run --suite cpu --passes 3 --rounds 1 --only linear_cross_entropy  # interleaved
 
 Writes results.csv, results.json, summary.md and the PNG plots (benchmarks.plots) to --out (default
 benchmarks/results/<suite>/), the pytest-benchmark JSON and log of each case under raw/.
@@ -43,6 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--only", action="append", default=[], help="keep cases whose id contains this (repeatable)")
     p.add_argument("--impl", action="append", default=[], help="keep only this impl (repeatable)")
     p.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/<suite>)")
+    p.add_argument("--passes", type=int, default=1,
+                   help="run every case this many times, one pass over all cases after another, and pool "
+                        "their timings: slow drift of the machine then hits every impl alike (default 1)")
     p.add_argument("--timeout", type=int, help="seconds per case process (default: the suite's)")
     p.add_argument("--budget", type=float, help="seconds for the whole run: later cases are skipped")
     p.add_argument("--dry-run", action="store_true", help="list the cases and exit")
@@ -61,9 +65,11 @@ def suite_env(suite) -> dict:
     return {k: os.environ.get(k, v) for k, v in suite.env.items()}
 
 
-def run_case(case: Case, args, suite, raw: Path) -> dict:
-    """Start `pytest benchmarks/test_bench.py` for this case alone; return its result dict."""
-    result_path, log_path = raw / f"{case.id}.result.json", raw / f"{case.id}.log"
+def run_case(case: Case, args, suite, raw: Path, tag: str = "") -> dict:
+    """Start `pytest benchmarks/test_bench.py` for this case alone; return its result dict, with the
+    round times in `times_s`. `tag` tells the raw files of a case's passes apart."""
+    name = case.id + tag
+    result_path, log_path = raw / f"{name}.result.json", raw / f"{name}.log"
     result_path.unlink(missing_ok=True)
     env = {**os.environ, **suite_env(suite), measure.ENV_SUITE: suite.name, measure.ENV_CASE: case.id,
            measure.ENV_RESULT: str(result_path),
@@ -73,7 +79,7 @@ def run_case(case: Case, args, suite, raw: Path) -> dict:
         env.update(MALLOC_ENV)
     cmd = [sys.executable, "-m", "pytest", str(HERE / "test_bench.py"), "-q", "-p", "no:cacheprovider",
            "-p", "pytest_benchmark.plugin", "-o", "addopts=",
-           f"--benchmark-json={raw / (case.id + '.benchmark.json')}"]
+           f"--benchmark-json={raw / (name + '.benchmark.json')}"]
     try:
         with open(log_path, "w") as log:
             subprocess.run(cmd, cwd=machine.ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -85,16 +91,28 @@ def run_case(case: Case, args, suite, raw: Path) -> dict:
         return {"status": "error", "reason": f"case process wrote no result ({tail[0][:200]}); see {log_path}"}
     result = json.loads(result_path.read_text())
     result.pop("traceback", None)
-    if result.get("times_s"):
-        result.update(report.timing(result.pop("times_s")))
     return result
+
+
+def pool_passes(results: list[dict]) -> dict:
+    """One row from a case's passes: the first failure or skip if any; else the timings of every pass
+    pooled (median, IQR over all rounds) and the memory figures of the pass with the highest peak."""
+    for r in results:
+        if r.get("status") != "ok":
+            return r
+    row = dict(max(results, key=lambda r: r.get("extra_peak_bytes", 0)))
+    row.update(report.timing([t for r in results for t in r.pop("times_s", [])]))
+    row.pop("times_s", None)
+    row["passes"] = len(results)
+    return row
 
 
 def _progress(i: int, total: int, case: Case, row: dict, seconds: float) -> str:
     if row["status"] != "ok":
         what = f"{row['status']}: {row['reason']}"
     else:
-        what = (f"{row['time_median_s'] * 1e3:.4g} ms median of {row['rounds']}, "
+        times = sorted(row["times_s"])
+        what = (f"{times[len(times) // 2] * 1e3:.4g} ms median of {len(times)}, "
                 f"extra peak {row['extra_peak_bytes'] / 2**20:.4g} MiB")
     return f"[{i}/{total}] {case.id}: {what} ({seconds:.0f} s)"
 
@@ -122,15 +140,24 @@ def main(argv=None) -> int:
     info["chunk_bytes_env"] = env.get("ALIGNFAST_CHUNK_BYTES", info["chunk_bytes_env"])
     print(f"suite {suite.name}: {len(cases)} cases on {info['device']} ({info['cores']} cores), "
           f"torch {info['torch']}, commit {info['git_commit']}", flush=True)
-    rows, began = [], time.perf_counter()
-    for i, case in enumerate(cases, 1):
-        start = time.perf_counter()
-        reason = static_skip(case)
-        if not reason and args.budget is not None and start - began > args.budget:
-            reason = f"time budget of {args.budget:.0f} s spent"
-        result = {"status": "skipped", "reason": reason} if reason else run_case(case, args, suite, raw)
-        rows.append({**info, **case.asdict(), **result})
-        print(_progress(i, len(cases), case, rows[-1], time.perf_counter() - start), flush=True)
+    began = time.perf_counter()
+    results: dict[str, list[dict]] = {c.id: [] for c in cases}
+    for p in range(args.passes):
+        for i, case in enumerate(cases, 1):
+            start = time.perf_counter()
+            done = results[case.id]
+            if done and done[-1].get("status") != "ok":
+                continue   # a case that failed or was skipped once is not run again
+            reason = static_skip(case)
+            if not reason and args.budget is not None and start - began > args.budget:
+                if done:
+                    continue   # measured in an earlier pass: keep those rounds
+                reason = f"time budget of {args.budget:.0f} s spent"
+            tag = f".pass{p + 1}" if args.passes > 1 else ""
+            done.append({"status": "skipped", "reason": reason} if reason else run_case(case, args, suite, raw, tag))
+            label = f"pass {p + 1}/{args.passes} " if args.passes > 1 else ""
+            print(label + _progress(i, len(cases), case, done[-1], time.perf_counter() - start), flush=True)
+    rows = [{**info, **case.asdict(), **pool_passes(results[case.id])} for case in cases]
     report.add_ratios(rows)
     paths = report.write_all(rows, out, note=note)
     print()

@@ -1,5 +1,6 @@
 """The benchmark registry's model-shaped suite and the report of model-shaped rows: the table's model
-column, the plots vs tokens and vs vocab (and the bars of a one-shape suite), the summary's links.
+column, the plots vs tokens and vs vocab (and the bars of a one-shape suite), the summary's links,
+and how a case's interleaved passes are pooled into one row.
 No case process runs here (the runner end to end: tests/test_benchmarks_smoke.py)."""
 from __future__ import annotations
 
@@ -62,3 +63,18 @@ def test_one_shape_rows_plot_bars(tmp_path, ns):
     want = ["time.png", "memory.png"] if len(ns) == 1 else ["time_vs_tokens.png", "memory_vs_tokens.png"]
     assert names[3:] == want
     assert "| op | N | H | V |" in (tmp_path / "summary.md").read_text()   # no model column
+
+
+def test_passes_pool_their_rounds():
+    from benchmarks.run import pool_passes
+
+    first = {"status": "ok", "times_s": [3.0, 1.0], "extra_peak_bytes": 10, "peak_bytes": 20}
+    second = {"status": "ok", "times_s": [2.0, 9.0], "extra_peak_bytes": 30, "peak_bytes": 40}
+    row = pool_passes([first, second])
+    assert (row["rounds"], row["passes"]) == (4, 2)
+    assert row["time_median_s"] == 2.5                   # the median of all four rounds
+    assert row["extra_peak_bytes"] == 30 and row["peak_bytes"] == 40   # the pass with the higher peak
+    assert "times_s" not in row
+    skipped = {"status": "skipped", "reason": "no such backend"}
+    assert pool_passes([skipped]) == skipped
+

@@ -76,3 +76,19 @@ def test_chunked_needs_less_memory_than_naive(smoke, op):
     chunked, naive = int(rows[op, "chunked"]["extra_peak_bytes"]), int(rows[op, "naive"]["extra_peak_bytes"])
     assert chunked < naive, (chunked, naive)
     assert naive >= 4 * 2**20   # at least the [256, 4096] fp32 logits
+
+
+@pytest.mark.slow
+def test_interleaved_passes_end_to_end(tmp_path):
+    """--passes 2: each case runs once per pass, in its own process, and its row pools both."""
+    cmd = [sys.executable, "-m", "benchmarks.run", "--quick", "--passes", "2", "--rounds", "1",
+           "--only", "linear_logprobs", "--impl", "naive", "--impl", "chunked", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["impl"], r["rounds"], r["passes"]) for r in rows] == [("naive", 2, 2), ("chunked", 2, 2)]
+    assert sorted(p.name for p in (tmp_path / "raw").glob("*.result.json")) == sorted(
+        f"linear_logprobs-{impl}-N256-H64-V4096-fp32.pass{k}.result.json" for impl in ("naive", "chunked")
+        for k in (1, 2))
+    assert "pooled over 2 interleaved passes" in (tmp_path / "summary.md").read_text()

@@ -1,25 +1,27 @@
 """The chunked driver shared by the `chunked`, `cpp` and `cuda` backends.
 
-The forward takes tokens `rows` at a time (a byte budget, see `LogitOptions.chunk_rows`): one BLAS
-call makes the [rows, V] block of logits and a row kernel (`alignfast.ops.rowwise` in PyTorch, or
-`alignfast.ops.native_rows` in C++/CUDA) reduces it. The backward knows each row's lse (and entropy)
-from the forward, so its blocks are vocab slices instead ([N, cols], `LogitOptions.block_shape`):
-the row kernel turns each into ∂L/∂z in place and two more BLAS calls push it to `hidden` and
-`weight`, every product with N as a dimension and each grad_weight row written once. When the
-upstream gradient is known in the forward (mean/sum cross-entropy, the fused losses),
-`forward_backward` does both in one sweep of token chunks. The [N, V] logits never exist.
+`forward` and `backward` run over [rows, cols] blocks of logits (`LogitOptions.block_shape`): all
+tokens by as many vocab columns as fit a byte budget. One BLAS call makes a block and a row kernel
+(`alignfast.ops.rowwise` in PyTorch, or `alignfast.ops.native_rows` in C++/CUDA) reduces it: the
+forward merges the slices' statistics per row (`_merge_slices`); the backward knows each row's lse
+(and entropy) from the forward, so the kernel turns each block into ∂L/∂z in place and two more
+BLAS calls push it to `hidden` and `weight`. Every product has N as a dimension and each row of the
+head and of its gradient is touched once per pass. When the upstream gradient is known in the
+forward (mean/sum cross-entropy, the fused losses), `forward_backward` does both in one sweep of
+token chunks of whole rows (the gradient needs the row's lse before any of it can be formed).
+The [N, V] logits never exist.
 
 Vocab projections per call: forward 1; backward 3 (recompute, grad_hidden, grad_weight);
 `forward_backward` 3.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
 from alignfast.ops.options import LogitOptions, compute_dtype
-from alignfast.ops.rowwise import RowStats
+from alignfast.ops.rowwise import RowStats, tempered
 
 # (g_logprob, g_entropy, g_lse, g_zmean) for one chunk, from that chunk's statistics.
 Upstream = Callable[[RowStats], tuple]
@@ -61,14 +63,30 @@ class ChunkedLogProbs:
         self.rows = rows  # a module with `stats(z, targets, opts)` and `grad_(z, targets, ...)`
 
     def forward(self, hidden, weight, bias, targets, opts: LogitOptions) -> RowStats:
-        n, cdtype = hidden.shape[0], compute_dtype(hidden.dtype)
+        """Per-token statistics over the backward's [rows, cols] blocks (`LogitOptions.block_shape`):
+        each vocab slice's statistics are merged per row (`_merge_slices`), so every product has N as a
+        dimension and the head is read once per row chunk, not once per chunk of whole-row tokens."""
+        n, vocab, cdtype = hidden.shape[0], weight.shape[0], compute_dtype(hidden.dtype)
         out = _empty_stats(n, opts, cdtype, hidden.device)
-        step = opts.chunk_rows(weight.shape[0], cdtype)
-        block = _BlockBuffer(hidden, weight)
-        for start in range(0, n, step):
-            sl = slice(start, start + step)
-            z = logits_block(hidden[sl], weight, bias, out=block(min(step, n)))
-            _store(out, sl, self.rows.stats(z, targets[sl], opts))
+        rows, cols = opts.block_shape(n, vocab, cdtype)
+        buf = torch.empty(min(rows, n) * cols, dtype=cdtype, device=hidden.device)
+        for start in range(0, n, rows):
+            sl = slice(start, start + rows)
+            h, t = hidden[sl], targets[sl]
+            parts = []
+            for v0 in range(0, vocab, cols):
+                vs = slice(v0, min(v0 + cols, vocab))
+                block = buf[: h.shape[0] * (vs.stop - v0)].view(h.shape[0], vs.stop - v0)
+                z = logits_block(h, weight[vs], None if bias is None else bias[vs], out=block)
+                if cols >= vocab:
+                    parts.append(self.rows.stats(z, t, opts))
+                    break
+                local = t - v0
+                hit = ((local >= 0) & (local < z.shape[1])).nonzero().squeeze(1)
+                z_t = z[hit, local[hit]]   # raw target logits, before a row kernel that overwrites them
+                st = self.rows.stats(z, local.clamp(0, z.shape[1] - 1), opts)
+                parts.append(_SliceStats(st, z_t, hit, z.shape[1]))
+            _store(out, sl, parts[0] if cols >= vocab else _merge_slices(parts, vocab, opts))
         return out
 
     def backward(self, hidden, weight, bias, targets, lse, entropy, grads, opts: LogitOptions, needs):
@@ -141,6 +159,32 @@ class ChunkedLogProbs:
             return fused(z, targets, opts, upstream)
         st = self.rows.stats(z, targets, opts)
         return st, self.rows.grad_(z, targets, st.lse, st.entropy, *upstream(st), opts)
+
+
+class _SliceStats(NamedTuple):
+    stats: RowStats        # of the rows' logits in one vocab slice (its logprob is not used)
+    z_target: torch.Tensor  # raw logits of the targets that fall in the slice
+    hit: torch.Tensor       # the rows whose targets those are
+    width: int              # the slice's number of vocab columns
+
+
+def _merge_slices(parts: list[_SliceStats], vocab: int, opts: LogitOptions) -> RowStats:
+    """Whole-row statistics from those of the row's vocab slices b: lse = log Σ_b e^{lse_b}; with
+    w_b = e^{lse_b − lse} the probability mass of slice b, entropy = Σ_b w_b·(H_b − log w_b) (the
+    entropy of a mixture: no difference of large terms); the mean logit weighs each slice by its
+    width; logprob = x_t − lse, x_t tempered from the raw target logit of the slice holding it."""
+    lse_b = torch.stack([p.stats.lse for p in parts])
+    lse = torch.logsumexp(lse_b, dim=0)
+    entropy = zmean = None
+    if opts.with_entropy:
+        log_w = lse_b - lse
+        entropy = (log_w.exp() * (torch.stack([p.stats.entropy for p in parts]) - log_w)).sum(dim=0)
+    if opts.with_zmean:
+        zmean = sum(p.stats.zmean * (p.width / vocab) for p in parts)
+    target = torch.zeros_like(lse)
+    for p in parts:
+        target[p.hit] = tempered(p.z_target.to(lse.dtype), opts, inplace=False)
+    return RowStats(target - lse, entropy, lse, zmean)
 
 
 class _GradAccumulator:

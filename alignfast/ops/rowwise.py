@@ -27,7 +27,7 @@ class RowStats(NamedTuple):
     zmean: torch.Tensor | None
 
 
-def _tempered(z: torch.Tensor, opts: LogitOptions, *, inplace: bool) -> torch.Tensor:
+def tempered(z: torch.Tensor, opts: LogitOptions, *, inplace: bool) -> torch.Tensor:
     if opts.softcap is not None:
         x = z.div_(opts.softcap) if inplace else z / opts.softcap
         return x.tanh_().mul_(opts.softcap / opts.temperature)
@@ -39,7 +39,7 @@ def _tempered(z: torch.Tensor, opts: LogitOptions, *, inplace: bool) -> torch.Te
 def stats(z: torch.Tensor, targets: torch.Tensor, opts: LogitOptions) -> RowStats:
     """Per-row statistics of the raw logits block `z` [n, V], which it overwrites (a row module
     whose `stats` overwrites its block must provide `stats_grad_`, as this one does)."""
-    x = _tempered(z, opts, inplace=True)
+    x = tempered(z, opts, inplace=True)
     m = x.amax(dim=1)
     target_logit = x.gather(1, targets[:, None]).squeeze(1)
     zmean = x.mean(dim=1) if opts.with_zmean else None
@@ -61,7 +61,7 @@ def grad_(z: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, entropy: to
           g_zmean: torch.Tensor | None, opts: LogitOptions) -> torch.Tensor:
     """Overwrites the raw logits block `z` [n, V] with ∂L/∂z and returns it. A None gradient is 0."""
     inv_t = 1.0 / opts.temperature
-    x = _tempered(z, opts, inplace=True)
+    x = tempered(z, opts, inplace=True)
     cap_slope = None
     if opts.softcap is not None:  # 1 − tanh², with tanh = x·T/softcap
         cap_slope = (x * (opts.temperature / opts.softcap)).square_().neg_().add_(1.0)
@@ -95,7 +95,7 @@ def stats_grad_(z: torch.Tensor, targets: torch.Tensor, opts: LogitOptions, upst
         st = stats(z.clone(), targets, opts)
         return st, grad_(z, targets, st.lse, st.entropy, *upstream(st), opts)
     inv_t = 1.0 / opts.temperature
-    x = _tempered(z, opts, inplace=True)
+    x = tempered(z, opts, inplace=True)
     cap_slope = None
     if opts.softcap is not None:
         cap_slope = (x * (opts.temperature / opts.softcap)).square_().neg_().add_(1.0)
