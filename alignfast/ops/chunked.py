@@ -78,15 +78,12 @@ class ChunkedLogProbs:
                 vs = slice(v0, min(v0 + cols, vocab))
                 block = buf[: h.shape[0] * (vs.stop - v0)].view(h.shape[0], vs.stop - v0)
                 z = logits_block(h, weight[vs], None if bias is None else bias[vs], out=block)
-                if cols >= vocab:
-                    parts.append(self.rows.stats(z, t, opts))
-                    break
                 local = t - v0
                 hit = ((local >= 0) & (local < z.shape[1])).nonzero().squeeze(1)
                 z_t = z[hit, local[hit]]   # raw target logits, before a row kernel that overwrites them
                 st = self.rows.stats(z, local.clamp(0, z.shape[1] - 1), opts)
                 parts.append(_SliceStats(st, z_t, hit, z.shape[1]))
-            _store(out, sl, parts[0] if cols >= vocab else _merge_slices(parts, vocab, opts))
+            _store(out, sl, _merge_slices(parts, vocab, opts))   # one slice: its own statistics
         return out
 
     def backward(self, hidden, weight, bias, targets, lse, entropy, grads, opts: LogitOptions, needs):
