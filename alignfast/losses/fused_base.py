@@ -10,14 +10,15 @@ The base does everything else:
   precomputed reference log-probs, per sequence [B] or per token [B, T];
 - the policy side, on the backends with a fused forward-backward (`chunked`, `cpp`, `cuda`)
   when a gradient is wanted: whole *units* (a sequence; a chosen/rejected pair for the
-  preference losses) are packed into chunks of at most `chunk_rows` tokens and
-  `ChunkedLogProbs.forward_backward` runs over those bounds. Per chunk, one projection gives
-  the log-probs; the formula, evaluated on a leaf copy of that chunk's log-probs, gives
+  preference losses) are packed into chunks of at most `chunk_rows` tokens (a longer unit is a
+  chunk of its own) and `ChunkedLogProbs.forward_backward` runs over those bounds. Per chunk, one
+  projection gives the log-probs; the formula, evaluated on a leaf copy of that chunk's log-probs, gives
   ∂loss/∂logprob (and ∂loss/∂entropy) by autograd on [b, T]-sized tensors; two more
   projections push it into grad_hidden and grad_weight. **3 projections**, the gradient
-  computed in the forward and only scaled in the backward (as `linear_cross_entropy` does);
-- otherwise (`triton`, `reference`, a unit longer than an explicit `chunk_size`, or no gradient
-  wanted):
+  computed in the forward and only scaled in the backward (as `linear_cross_entropy` does).
+  A unit longer than a chunk keeps to the byte budget: its rows past the first chunk's worth
+  take a 4th projection (a statistics pass before the unit's loss is known);
+- otherwise (`triton`, `reference`, a batch-coupled formula, or no gradient wanted):
   `logprob_stats` with autograd (1 projection forward, 3 backward) and the formula on the
   whole batch: **4 projections** with a gradient, 1 without.
 
@@ -158,10 +159,9 @@ class LinearLossBase(nn.Module):
         wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
         if wants_grad and separable and _has_forward_backward(opts.backend):
             plan = _FusedPass.plan(self.unit, formula, whole, opts, weight.shape[0], hidden.dtype)
-            if plan is not None:
-                loss = _FusedPolicyLoss.apply(flat_h.index_select(0, plan.index), weight, bias,
-                                              flat_t.index_select(0, plan.index), opts, plan)
-                return loss, plan.metrics
+            loss = _FusedPolicyLoss.apply(flat_h.index_select(0, plan.index), weight, bias,
+                                          flat_t.index_select(0, plan.index), opts, plan)
+            return loss, plan.metrics
 
         # 4-projection path: autograd through LinearLogProbsFunction, then the formula on everything.
         st = logprob_stats(flat_h, weight, bias, flat_t, opts, self.ignore_index)
@@ -236,9 +236,9 @@ class _FusedPass:
         self.metrics: Metrics = {}
 
     @classmethod
-    def plan(cls, unit, formula, whole: SequenceBatch, opts: LogitOptions, vocab, dtype) -> "_FusedPass | None":
-        """Chunks of whole units of at most `chunk_rows` tokens (the byte budget's rows, grown to the
-        longest unit); None if an explicit `chunk_size` is shorter than some unit."""
+    def plan(cls, unit, formula, whole: SequenceBatch, opts: LogitOptions, vocab, dtype) -> "_FusedPass":
+        """Chunks of whole units of at most `chunk_rows` tokens; a longer unit is a chunk of its own,
+        which `forward_backward` runs in blocks within the budget (`ChunkedLogProbs._long_range`)."""
         step = opts.chunk_rows(vocab, compute_dtype(dtype))
         mask = whole.mask
         n_rows, seq_len = mask.shape
@@ -251,18 +251,12 @@ class _FusedPass:
 
         counts = mask.sum(-1).tolist()
         units = [(i, n_rows // 2 + i) for i in range(n_rows // 2)] if unit == "pair" else [(i,) for i in range(n_rows)]
-        if opts.chunk_size is None:
-            # The byte budget grows to the longest unit (memory O(longest pair·V), as per-sequence
-            # chunking has) rather than giving up the 3-projection path; an explicit chunk_size is kept.
-            step = max([step] + [sum(counts[r] for r in u) for u in units])
         chunks, current, size = [], [], 0
         for u in units:
             length = sum(counts[r] for r in u)
             if length == 0:
                 continue  # no tokens, no gradient (its constant part of the loss is in the final value)
-            if length > step:
-                return None
-            if size + length > step:
+            if current and size + length > step:
                 chunks.append(current)
                 current, size = [], 0
             current.append(u)

@@ -12,7 +12,7 @@ token chunks of whole rows (the gradient needs the row's lse before any of it ca
 The [N, V] logits never exist.
 
 Vocab projections per call: forward 1; backward 3 (recompute, grad_hidden, grad_weight);
-`forward_backward` 3.
+`forward_backward` 3 (plus 1 for the rows of a range longer than a block beyond its first block).
 """
 from __future__ import annotations
 
@@ -62,14 +62,20 @@ class ChunkedLogProbs:
     def __init__(self, rows):
         self.rows = rows  # a module with `stats(z, targets, opts)` and `grad_(z, targets, ...)`
 
-    def forward(self, hidden, weight, bias, targets, opts: LogitOptions) -> RowStats:
+    def forward(self, hidden, weight, bias, targets, opts: LogitOptions, *, buf=None) -> RowStats:
         """Per-token statistics over the backward's [rows, cols] blocks (`LogitOptions.block_shape`):
         each vocab slice's statistics are merged per row (`_merge_slices`), so every product has N as a
-        dimension and the head is read once per row chunk, not once per chunk of whole-row tokens."""
+        dimension and the head is read once per row chunk, not once per chunk of whole-row tokens.
+
+        buf: optional flat workspace in the accumulation dtype to hold the blocks (narrower slices
+        if it is smaller than a block), so a caller that already holds one stays within the budget."""
         n, vocab, cdtype = hidden.shape[0], weight.shape[0], compute_dtype(hidden.dtype)
         out = _empty_stats(n, opts, cdtype, hidden.device)
         rows, cols = opts.block_shape(n, vocab, cdtype)
-        buf = torch.empty(min(rows, n) * cols, dtype=cdtype, device=hidden.device)
+        if buf is None:
+            buf = torch.empty(min(rows, n) * cols, dtype=cdtype, device=hidden.device)
+        else:
+            cols = max(1, min(cols, buf.numel() // max(min(rows, n), 1)))
         for start in range(0, n, rows):
             sl = slice(start, start + rows)
             h, t = hidden[sl], targets[sl]
@@ -135,7 +141,8 @@ class ChunkedLogProbs:
 
         bounds: optional explicit chunks, (start, stop) row ranges covering [0, N) in order, e.g.
         whole sequences (or pairs) per chunk so that `upstream` can evaluate a per-sequence loss;
-        `upstream` is then called once per range, in that order. Default: `opts.chunk_rows` rows."""
+        `upstream` is then called once per range, in that order. Default: `opts.chunk_rows` rows.
+        A range longer than `opts.chunk_rows` stays within the byte budget (`_long_range`)."""
         n, cdtype = hidden.shape[0], compute_dtype(hidden.dtype)
         out = _empty_stats(n, opts, cdtype, hidden.device)
         acc = _GradAccumulator(hidden, weight, bias, needs, opts.grad_filter_eps)
@@ -143,12 +150,44 @@ class ChunkedLogProbs:
         ranges = ((s, s + step) for s in range(0, n, step)) if bounds is None else bounds
         block = _BlockBuffer(hidden, weight)
         for start, stop in ranges:
-            sl = slice(start, stop)
-            z = logits_block(hidden[sl], weight, bias, out=block(min(stop, n) - start))
+            sl = slice(start, min(stop, n))
+            if sl.stop - start > step:
+                _store(out, sl, self._long_range(hidden, weight, bias, targets, sl, step, opts, upstream, acc, block))
+                continue
+            z = logits_block(hidden[sl], weight, bias, out=block(sl.stop - start))
             st, dz = self._stats_grad_(z, targets[sl], opts, upstream)
             _store(out, sl, st)
             acc.add(sl, dz)
         return out, acc.result()
+
+    def _long_range(self, hidden, weight, bias, targets, sl: slice, step: int, opts, upstream, acc,
+                    block) -> RowStats:
+        """One `upstream` range of more than `step` rows (a pair or sequence longer than the byte
+        budget's block), in blocks of at most `step` rows: the statistics of the rows after the first
+        `step` (a forward pass), then the first block's logits, kept, whose statistics complete the
+        range's; `upstream` on the whole range; that block's gradient, then the other blocks'
+        recomputed. 3 vocab projections per row plus 1 per row outside the kept block (the
+        unchunked alternative, a forward and a recomputing backward, costs 4 per row).
+        The kept block comes first so that grad_weight's first write is the range's first rows'."""
+        head, rest = slice(sl.start, sl.start + step), slice(sl.start + step, sl.stop)
+        rest_stats = self.forward(hidden[rest], weight, bias, targets[rest], opts, buf=block(step).view(-1))
+        whole = {}
+
+        def head_upstream(head_stats):   # the first block's share of the whole range's upstream gradient
+            whole["stats"] = _cat_stats(head_stats, rest_stats)
+            whole["grads"] = upstream(whole["stats"])
+            return tuple(_rows_of(g, slice(0, step)) for g in whole["grads"])
+
+        z = logits_block(hidden[head], weight, bias, out=block(step))
+        acc.add(head, self._stats_grad_(z, targets[head], opts, head_upstream)[1])
+        st, grads = whole["stats"], whole["grads"]
+        for start in range(rest.start, rest.stop, step):
+            part = slice(start, min(start + step, rest.stop))
+            local = slice(start - sl.start, part.stop - sl.start)
+            z = logits_block(hidden[part], weight, bias, out=block(part.stop - start))
+            acc.add(part, self.rows.grad_(z, targets[part], st.lse[local], _rows_of(st.entropy, local),
+                                          *(_rows_of(g, local) for g in grads), opts))
+        return st
 
     def _stats_grad_(self, z, targets, opts, upstream):
         fused = getattr(self.rows, "stats_grad_", None)  # optional: one row kernel for both steps
@@ -263,6 +302,15 @@ def _empty_stats(n: int, opts: LogitOptions, dtype, device) -> RowStats:
 
     return RowStats(empty(), empty() if opts.with_entropy else None, empty(),
                     empty() if opts.with_zmean else None)
+
+
+def _rows_of(x: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    """Some rows of a per-row tensor; None and 0-dim (broadcast) values pass through."""
+    return x if x is None or x.dim() == 0 else x[rows]
+
+
+def _cat_stats(first: RowStats, second: RowStats) -> RowStats:
+    return RowStats(*(None if a is None else torch.cat([a, b]) for a, b in zip(first, second)))
 
 
 def _store(out: RowStats, sl: slice, st: RowStats) -> None:

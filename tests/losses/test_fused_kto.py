@@ -36,7 +36,7 @@ def make_batch(dtype, seed=0):
 @pytest.mark.parametrize("kl_mode", ["given", "estimated", "apo"])
 @pytest.mark.parametrize("dtype,chunk_size,ref_mode", [(FP64, 7, "hidden"), (FP64, 9, "seq"), (FP32, 12, "hidden"),
                                                        (FP64, 2, "token")],
-                         ids=["fp64-c7-hidden", "fp64-c9-seq", "fp32-c12-hidden", "fp64-c2-token-fallback"])
+                         ids=["fp64-c7-hidden", "fp64-c9-seq", "fp32-c12-hidden", "fp64-c2-token-split"])
 def test_kto(dtype, chunk_size, ref_mode, kl_mode):
     d = make_batch(dtype)
     labels, desirable = d["labels"], d["desirable"]

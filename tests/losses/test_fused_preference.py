@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_close
 
+import alignfast
 import alignfast.ops.chunked as chunked
 from alignfast.losses.dpo import dpo_loss
 from alignfast.losses.fused_preference import LinearCPOLoss, LinearDPOLoss, LinearORPOLoss, LinearSimPOLoss
@@ -85,7 +86,7 @@ DPO_CASES = {
 
 FP64, FP32 = torch.float64, torch.float32
 # (loss case, reference given as, dtype, chunk size): c9 and c20 pack 1 and 2-3 whole pairs per
-# chunk (the fused 3-projection path); c4 is shorter than a pair (the 4-projection path).
+# chunk (the fused 3-projection path); c4 is shorter than every pair (each pair in blocks of 4 rows).
 SETTINGS = ([(case, mode, FP64, 9) for case in DPO_CASES for mode in ("hidden", "seq", "token")]
             + [(case, mode, FP32, 20) for case in ("sigmoid", "ipo") for mode in ("hidden", "seq")]
             + [(case, "hidden", dtype, 4) for case in ("sigmoid", "hinge") for dtype in (FP64, FP32)])
@@ -133,6 +134,46 @@ def test_dpo_projection_count(monkeypatch, ref_mode):
     ref_chunks = -(-int((labels != -100).sum()) // 9) if ref_mode == "hidden" else 0
     assert policy_chunks > 1
     assert counter.blocks == policy_chunks + ref_chunks  # policy: 1 block per chunk, no recompute
+
+
+def pair_lengths(labels):
+    return [int((labels[i] != -100).sum() + (labels[P + i] != -100).sum()) for i in range(P)]
+
+
+@pytest.mark.parametrize("backend", [b for b in ("chunked", "cpp") if b in alignfast.backends("cpu")])
+def test_dpo_pairs_longer_than_the_budget(monkeypatch, backend):
+    """A byte budget smaller than every pair: no logits block exceeds it (it used to grow to the
+    longest pair); the rows of a pair past its first block take one more projection; exact."""
+    policy, ref, labels = make_pairs(torch.float64, seed=3)
+    rows = 4
+    monkeypatch.setenv("ALIGNFAST_CHUNK_BYTES", str(rows * V * 8))  # 4 fp64 rows of the vocab
+    lengths = pair_lengths(labels)
+    assert min(lengths) > rows
+    leaves = {k: v.requires_grad_() for k, v in policy.items()}
+    counter, block_rows, real_block = Counter(monkeypatch), [], chunked.logits_block
+
+    def recording_block(hidden, *a, **k):
+        block_rows.append(hidden.shape[0])
+        return real_block(hidden, *a, **k)
+
+    monkeypatch.setattr(chunked, "logits_block", recording_block)
+    kw = dict(loss_type="sigmoid", beta=0.3)
+    loss, _ = LinearDPOLoss(backend=backend, **kw)(leaves["hidden"], leaves["weight"], labels, leaves["bias"],
+                                                   ref_logps=ref_inputs("seq", ref, labels)["ref_logps"])
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    monkeypatch.undo()
+
+    assert max(block_rows) <= rows
+    grad_blocks = sum(-(-n // rows) for n in lengths)            # each row's gradient once
+    stats_blocks = sum(-(-(n - rows) // rows) for n in lengths)  # a pass over the rows past a pair's first block
+    assert counter.products == 2 * grad_blocks
+    assert len(block_rows) == grad_blocks + stats_blocks, (block_rows, lengths)
+
+    oracle = {k: v.detach().requires_grad_() for k, v in policy.items()}
+    want, _ = expected_dpo(oracle, {k: v.double() for k, v in ref.items()}, labels, **kw)
+    assert_close(loss, want, rtol=1e-10, name="loss")
+    for got, exp, name in zip(grads, torch.autograd.grad(want, list(oracle.values())), leaves):
+        assert_close(got, exp, rtol=1e-10, name=name)
 
 
 def test_dpo_bad_input():
