@@ -92,3 +92,26 @@ def test_interleaved_passes_end_to_end(tmp_path):
         f"linear_logprobs-{impl}-N256-H64-V4096-fp32.pass{k}.result.json" for impl in ("naive", "chunked")
         for k in (1, 2))
     assert "pooled over 2 interleaved passes" in (tmp_path / "summary.md").read_text()
+
+
+def test_chunk_gemms_table(capsys):
+    """The chunked-GEMM diagnostic on a tiny shape: one row per product, a column per chunk size,
+    the unchunked column at 1.00x."""
+    from benchmarks import chunk_gemms
+
+    chunk_gemms.main(["--tokens", "64", "--hidden", "8", "--vocab", "100", "--chunks", "16", "100", "--rounds", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2] == "| product | all rows | chunks of 16 |"   # 100 >= N: not a chunk size
+    rows = [line for line in lines if line.startswith("| `")]
+    assert [r.split("`")[1] for r in rows] == ["logits = h @ W.T", "grad_h = dz @ W", "grad_W += dz.T @ h"]
+    assert all("(1.00×)" in r.split("|")[2] for r in rows)
+
+
+def test_paired_rounds():
+    """The paired runner on a tiny shape: every impl timed once per round, ratios against the first."""
+    from benchmarks import paired
+
+    times = paired.run("linear_cross_entropy", ["floor", "chunked"], 64, 16, 256, "fp32", rounds=3)
+    assert set(times) == {"floor", "chunked"} and all(len(t) == 3 and min(t) > 0 for t in times.values())
+    lines = paired.table(times, "floor").splitlines()
+    assert lines[2].startswith("| floor |") and lines[2].endswith("| 1.000x |") and lines[3].startswith("| chunked |")
