@@ -108,10 +108,11 @@ SUITES = {
              "of the DPO target shape (N=4096, V=128256), so all seven methods fit one ~15-minute run"),
     # the fused DPO, KTO and PPO losses at the target shape (8 sequences of 512 tokens; a DPO
     # pair, 1024 rows, is longer than the default block): alignfast's default CPU backend against
-    # naive and the floor, ~35 min (Liger's and TRL's DPO at this shape: the `cpu` suite)
+    # naive, the floor, Liger-Kernel and TRL, ~75 min (`--impl` to run a part)
     "cpu-losses-target": Suite(
         "cpu-losses-target",
-        grid(("dpo", "kto", "ppo"), ("naive", "floor", "cpp"), [(4096, 1024, 128256)], ["fp32"], "cpu"),
+        grid(("dpo", "kto", "ppo"), ("naive", "floor", "cpp", "liger", "trl"), [(4096, 1024, 128256)], ["fp32"],
+             "cpu"),
         rounds=3, warmup=1, timeout_s=1800,
         note="N=4096 (8 sequences of 512), H=1024, V=128256: the issue's target shape"),
     # model-shaped (Llama-3 8B head), a few token counts
