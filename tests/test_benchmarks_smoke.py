@@ -115,3 +115,17 @@ def test_paired_rounds():
     assert set(times) == {"floor", "chunked"} and all(len(t) == 3 and min(t) > 0 for t in times.values())
     lines = paired.table(times, "floor").splitlines()
     assert lines[2].startswith("| floor |") and lines[2].endswith("| 1.000x |") and lines[3].startswith("| chunked |")
+
+
+def test_row_kernels_table(capsys):
+    """The row-kernel diagnostic on a tiny block: the memory floor at 1.00x and a stats and a grad_ row
+    per kernel set (PyTorch always, native when alignfast._C is built)."""
+    from alignfast.ops import native_rows
+    from benchmarks import row_kernels
+
+    row_kernels.main(["--rows", "8", "--cols", "300", "--rounds", "1", "--entropy"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "ms" not in line]
+    names = [r.split("|")[1].strip() for r in rows]
+    sets = ["torch"] + (["native"] if native_rows.available() else [])
+    assert names == ["bare mul_ (memory floor)"] + [f"{s} {k}" for s in sets for k in ("stats", "grad_")]
+    assert rows[0].split("|")[3].strip() == "1.00×"
