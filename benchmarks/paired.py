@@ -1,4 +1,4 @@
-"""Paired timing: several impls of one op round-robin in one process (time only, no memory).
+"""Paired timing: several impls of one op round-robin in one CPU process (time only, no memory).
 
 The suites run each case in its own process, which peak memory needs; but this machine's speed
 drifts by 10-20% between processes, more than a 5% target. Here the impls share one process and
