@@ -31,6 +31,14 @@ constexpr int kVecBytes = 64;
 constexpr int kVecBytes = 32;
 #endif
 
+// {0, 1, ..., W-1}: the lane indices of a pack (for masking a row's tail)
+template <typename I, int W>
+inline I iota() {
+  I l;
+  for (int j = 0; j < W; ++j) l[j] = j;
+  return l;
+}
+
 template <typename T>
 struct Simd;
 
@@ -39,11 +47,7 @@ struct Simd<float> {
   typedef float V __attribute__((vector_size(kVecBytes)));
   typedef int32_t I __attribute__((vector_size(kVecBytes)));
   static constexpr int W = kVecBytes / 4;
-  static I lanes() {
-    I l;
-    for (int j = 0; j < W; ++j) l[j] = j;
-    return l;
-  }
+  static I lanes() { return iota<I, W>(); }
 
   // e^x, Cephes' expf polynomial (max rel. error ~2 ulp on [-87, 88]); 0 below -87.3 (where
   // e^x would be denormal), finite (≈2e38) above 88.3, NaN in → NaN out. n = round(x·log2 e) by
@@ -80,11 +84,7 @@ struct Simd<double> {
   typedef double V __attribute__((vector_size(kVecBytes)));
   typedef int64_t I __attribute__((vector_size(kVecBytes)));
   static constexpr int W = kVecBytes / 8;
-  static I lanes() {
-    I l;
-    for (int j = 0; j < W; ++j) l[j] = j;
-    return l;
-  }
+  static I lanes() { return iota<I, W>(); }
   static V exp(V x) {
     for (int j = 0; j < W; ++j) x[j] = std::exp(x[j]);
     return x;
