@@ -16,20 +16,22 @@ namespace alignfast {
 
 template <typename T>
 struct RowStatsParams {
-  const T* z = nullptr;              // [rows, z_stride] raw logits, the first `vocab` of each row used
+  const T* z = nullptr;              // raw logits: z[r, v] at z[r·z_stride + v·vocab_stride] (see below)
   const int64_t* targets = nullptr;  // [rows] target ids in [0, vocab)
   T* logprob = nullptr;              // [rows] out: x_t − lse
   T* entropy = nullptr;              // [rows] out, or nullptr when not wanted
   T* lse = nullptr;                  // [rows] out
   T* zmean = nullptr;                // [rows] out, or nullptr when not wanted
-  int64_t rows = 0, vocab = 0, z_stride = 0;
+  // row-major (vocab_stride 1, the rows z_stride apart), or on the CPU vocab-major (z_stride 1: the
+  // [V, rows] product W·hᵀ, the rows of a vocab entry adjacent, vocab entries vocab_stride apart)
+  int64_t rows = 0, vocab = 0, z_stride = 0, vocab_stride = 1;
   double temperature = 1.0;
   double softcap = 0.0;  // <= 0: no softcap
 };
 
 template <typename T>
 struct RowGradParams {
-  T* z = nullptr;                      // [rows, z_stride] in: raw logits; out: ∂L/∂z
+  T* z = nullptr;                      // in: raw logits; out: ∂L/∂z; laid out as in RowStatsParams
   const int64_t* targets = nullptr;    // [rows]
   const T* lse = nullptr;              // [rows] logsumexp of the tempered row (from the stats pass)
   const T* entropy = nullptr;          // [rows], needed (non-null) when g_entropy is given
@@ -37,7 +39,7 @@ struct RowGradParams {
   const T* g_entropy = nullptr;        // [rows]
   const T* g_lse = nullptr;            // [rows]
   const T* g_zmean = nullptr;          // [rows]
-  int64_t rows = 0, vocab = 0, z_stride = 0;
+  int64_t rows = 0, vocab = 0, z_stride = 0, vocab_stride = 1;
   double temperature = 1.0;
   double softcap = 0.0;  // <= 0: no softcap
 };

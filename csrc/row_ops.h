@@ -19,6 +19,19 @@ namespace alignfast {
   TORCH_CHECK((x).dim() == 1 && (x).size(0) == (n), #x " must be 1-D with one entry per row of z ([", (n), \
               "]), got shape ", (x).sizes())
 
+// A [rows, V] block stored vocab-major ([V, rows] transposed): its vocab entries are not adjacent.
+inline bool vocab_major(const at::Tensor& z) { return z.size(1) > 1 && z.stride(1) != 1; }
+
+// The strides of z as the kernels take them (RowStatsParams).
+template <typename P>
+void set_layout(P& p, const at::Tensor& z) {
+  const bool vm = vocab_major(z);
+  p.rows = z.size(0);
+  p.vocab = z.size(1);
+  p.z_stride = vm ? 1 : z.stride(0);
+  p.vocab_stride = vm ? z.stride(1) : 1;
+}
+
 inline void check_block(const at::Tensor& z, const at::Tensor& targets, double temperature,
                         std::optional<double> softcap, c10::DeviceType device_type) {
   TORCH_CHECK(z.device().type() == device_type, "z must be a ", device_type, " tensor, got ", z.device());
@@ -26,8 +39,13 @@ inline void check_block(const at::Tensor& z, const at::Tensor& targets, double t
   TORCH_CHECK(z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble,
               "z must be float32 or float64 (the accumulation dtype), got ", z.scalar_type());
   TORCH_CHECK(z.size(1) > 0, "z must have at least one column (vocab entry), got shape ", z.sizes());
-  TORCH_CHECK(z.stride(1) == 1 || z.size(1) == 1, "z must be contiguous along V (stride(1) == 1), got strides ",
-              z.strides());
+  if (device_type == c10::DeviceType::CPU) {
+    TORCH_CHECK(!vocab_major(z) || z.stride(0) == 1 || z.size(0) == 1,
+                "z must be contiguous along V (stride(1) == 1) or along the rows (stride(0) == 1, the "
+                "transpose of a [V, rows] block), got strides ", z.strides());
+  } else {
+    TORCH_CHECK(!vocab_major(z), "z must be contiguous along V (stride(1) == 1), got strides ", z.strides());
+  }
   TORCH_CHECK(targets.scalar_type() == at::kLong, "targets must be int64, got ", targets.scalar_type());
   AF_CHECK_DEVICE(targets, z.device());
   AF_CHECK_ROWS(targets, z.size(0));
@@ -84,9 +102,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rows_stats(
       p.entropy = with_entropy ? entropy.data_ptr<scalar_t>() : nullptr;
       p.lse = lse.data_ptr<scalar_t>();
       p.zmean = with_zmean ? zmean.data_ptr<scalar_t>() : nullptr;
-      p.rows = rows;
-      p.vocab = z.size(1);
-      p.z_stride = z.stride(0);
+      set_layout(p, z);
       p.temperature = temperature;
       p.softcap = softcap.value_or(0.0);
       launch(p);
@@ -124,9 +140,7 @@ void rows_grad_(at::Tensor& z, const at::Tensor& targets_in, const at::Tensor& l
     p.g_entropy = ptr_or_null<scalar_t>(g_entropy);
     p.g_lse = ptr_or_null<scalar_t>(g_lse);
     p.g_zmean = ptr_or_null<scalar_t>(g_zmean);
-    p.rows = z.size(0);
-    p.vocab = z.size(1);
-    p.z_stride = z.stride(0);
+    set_layout(p, z);
     p.temperature = temperature;
     p.softcap = softcap.value_or(0.0);
     launch(p);

@@ -68,7 +68,7 @@ def implementation(backend: str):
         from alignfast.ops import native_rows
         from alignfast.ops.chunked import ChunkedLogProbs
 
-        return ChunkedLogProbs(native_rows)
+        return ChunkedLogProbs(native_rows, vocab_major=backend == "cpp")
     if backend == "triton":
         from alignfast.kernels import logprobs as triton_logprobs
 

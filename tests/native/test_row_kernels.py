@@ -1,6 +1,7 @@
 """The native row kernels (`alignfast.ops.native_rows`) against the PyTorch row kernels
 (`alignfast.ops.rowwise`) they replace: float64 to ~1e-12, float32 within 2× (+ slack) of what the
-PyTorch kernels achieve in float32 against float64."""
+PyTorch kernels achieve in float32 against float64. Every check runs on both layouts the CPU kernels
+read: row-major blocks, and vocab-major ones (the transpose of a [V, rows] product W·hᵀ)."""
 import pytest
 import torch
 from helpers import assert_close, max_err
@@ -19,16 +20,30 @@ CASES = {  # n, V, scale of the logits, options
     "N4-V7": (4, 7, 3.0, {}),
     "N3-V1": (3, 1, 3.0, {}),
     "N6-V2500-large-logits": (6, 2500, 1e4, {}),
+    "N37-V1000": (37, 1000, 3.0, {}),   # vocab-major: two full packs of rows and a partial one
+    "N32-V300-T0.7": (32, 300, 3.0, dict(temperature=0.7)),
 }
+LAYOUTS = ("row", "vocab")
 FLAGS = {"plain": (False, False), "entropy": (True, False), "zmean": (False, True), "both": (True, True)}
 
 
-def make_block(n, v, scale, dtype, seed=0, pad=0):
-    """Raw logits [n, v] (a view into [n, v + pad] whose padding is NaN) and targets [n]."""
+def make_block(n, v, scale, dtype, seed=0, pad=0, layout="row"):
+    """Raw logits [n, v] and targets [n]. Row layout: a view into [n, v + pad] whose padding is NaN;
+    vocab layout: the transpose of a view into [v, n + pad], the same values, NaN padding likewise."""
     g = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, v + pad, generator=g, dtype=torch.float64) * scale
-    z[:, v:] = float("nan")
-    return z.to(dtype)[:, :v], torch.randint(0, v, (n,), generator=g), g
+    z = torch.randn(n, v, generator=g, dtype=torch.float64) * scale
+    targets = torch.randint(0, v, (n,), generator=g)
+    full = torch.full((n, v + pad) if layout == "row" else (v, n + pad), float("nan"), dtype=dtype)
+    block = full[:, :v] if layout == "row" else full[:, :n].t()
+    return block.copy_(z), targets, g
+
+
+def padding_of(block, layout):
+    """The NaN padding beside a `make_block` block (the kernels must not write there)."""
+    full = block.as_strided((block.shape[0], block.stride(0)) if layout == "row" else
+                            (block.shape[1], block.stride(1)), (block.stride(0), 1) if layout == "row" else
+                            (block.stride(1), 1))
+    return full[:, block.shape[1]:] if layout == "row" else full[:, block.shape[0]:]
 
 
 def opts_for(spec, flags):
@@ -41,12 +56,13 @@ def upstream(n, g, dtype, present):
     return [torch.randn(n, generator=g, dtype=torch.float64).to(dtype) if p else None for p in present]
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("flags", list(FLAGS))
 @pytest.mark.parametrize("case", list(CASES))
-def test_stats_float64(case, flags):
+def test_stats_float64(case, flags, layout):
     n, v, scale, spec = CASES[case]
     opts = opts_for(spec, flags)
-    z, t, _ = make_block(n, v, scale, torch.float64, pad=3)
+    z, t, _ = make_block(n, v, scale, torch.float64, pad=3, layout=layout)
     before = z.clone()
     got, want = native_rows.stats(z, t, opts), rowwise.stats(z.clone(), t, opts)
     assert torch.equal(z, before), "stats must leave z unchanged"
@@ -57,12 +73,13 @@ def test_stats_float64(case, flags):
             assert_close(a, b, rtol=1e-12, atol=1e-12 * (1 + scale), name=name)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("flags", list(FLAGS))
 @pytest.mark.parametrize("case", list(CASES))
-def test_stats_float32_within_2x_of_torch(case, flags):
+def test_stats_float32_within_2x_of_torch(case, flags, layout):
     n, v, scale, spec = CASES[case]
     opts = opts_for(spec, flags)
-    z, t, _ = make_block(n, v, scale, torch.float32)
+    z, t, _ = make_block(n, v, scale, torch.float32, layout=layout)
     got, torch32, exact = (native_rows.stats(z, t, opts), rowwise.stats(z.clone(), t, opts),
                            rowwise.stats(z.double(), t, opts))  # rowwise.stats overwrites its block
     for name, a, b, ref in zip(("logprob", "entropy", "lse", "zmean"), got, torch32, exact):
@@ -77,23 +94,22 @@ GRADS = {"lp": (1, 0, 0, 0), "lp-lse": (1, 0, 1, 0), "ent": (0, 1, 0, 0), "all":
          "lse-zmean": (0, 0, 1, 1), "none": (0, 0, 0, 0)}
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("grads", list(GRADS))
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
-def test_grad(case, grads, dtype):
+def test_grad(case, grads, dtype, layout):
     n, v, scale, spec = CASES[case]
     opts = LogitOptions(with_entropy=True, **spec)
-    z, t, g = make_block(n, v, scale, dtype, pad=5)
-    st = rowwise.stats(z.double(), t, opts)
+    block, t, g = make_block(n, v, scale, dtype, pad=5, layout=layout)  # NaN padding: must stay untouched
+    z = block.clone()
+    st = rowwise.stats(z.double().clone(), t, opts)   # (rowwise.stats overwrites its block)
     ups = upstream(n, g, torch.float64, GRADS[grads])
     want = rowwise.grad_(z.double().clone(), t, st.lse, st.entropy, *ups, opts)
-    full = torch.full((n, v + 5), float("nan"), dtype=dtype)  # NaN beyond V: the kernel must not touch it
-    block = full[:, :v]
-    block.copy_(z)
     cast = [None if u is None else u.to(dtype) for u in ups]
     out = native_rows.grad_(block, t, st.lse.to(dtype), st.entropy.to(dtype), *cast, opts)
-    assert out.data_ptr() == block.data_ptr(), "grad_ must work in place"
-    assert torch.isnan(full[:, v:]).all(), "grad_ wrote past the end of a row"
+    assert out.data_ptr() == block.data_ptr() and out.stride() == block.stride(), "grad_ must work in place"
+    assert torch.isnan(padding_of(block, layout)).all(), "grad_ wrote past the end of the block's rows"
     if dtype == torch.float64:
         assert_close(out, want, rtol=1e-11, atol=1e-12 * (1 + want.abs().max().item()), name="dz")
     else:  # the PyTorch kernels' own float32 error, from the same float32 statistics
@@ -102,15 +118,16 @@ def test_grad(case, grads, dtype):
         assert_close(out, want, rtol=0, atol=tol, name="dz")
 
 
-def test_nan_in_a_row_stays_in_that_row():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_nan_in_a_row_stays_in_that_row(layout):
     opts = LogitOptions(with_entropy=True, with_zmean=True)
-    z, t, _ = make_block(4, 1000, 3.0, torch.float32)
-    z = z.contiguous()
+    z, t, _ = make_block(20, 1000, 3.0, torch.float32, layout=layout)
     z[2, 517] = float("nan")
     st = native_rows.stats(z, t, opts)
+    others = [i for i in range(20) if i != 2]
     for name, s in zip(("logprob", "entropy", "lse", "zmean"), st):
         assert torch.isnan(s[2]), f"{name}: a NaN logit must give NaN"
-        assert not torch.isnan(s[[0, 1, 3]]).any(), f"{name}: NaN leaked into other rows"
+        assert not torch.isnan(s[others]).any(), f"{name}: NaN leaked into other rows"
 
 
 def test_grad_matches_autograd_of_stats():
@@ -145,7 +162,7 @@ BAD = {
     "z-1d": (lambda z, t, l: _stats_op(z[0], t), "z must be a 2-D"),
     "z-int": (lambda z, t, l: _stats_op(z.long(), t), "z must be float32 or float64"),
     "z-bf16": (lambda z, t, l: _stats_op(z.bfloat16(), t), "z must be float32 or float64"),
-    "z-transposed": (lambda z, t, l: _stats_op(z.t().contiguous().t(), t), "contiguous along V"),
+    "z-strided": (lambda z, t, l: _stats_op(torch.randn(8, 100)[::2, ::2], t), "contiguous along V"),
     "targets-int32": (lambda z, t, l: _stats_op(z, t.int()), "targets must be int64"),
     "targets-short": (lambda z, t, l: _stats_op(z, t[:-1]), "targets must be 1-D"),
     "targets-out-of-range": (lambda z, t, l: _stats_op(z, torch.full_like(t, 50)), "outside [0, V=50)"),

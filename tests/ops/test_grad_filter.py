@@ -63,8 +63,8 @@ def test_error_within_the_skipped_mass_and_most_columns_skipped(backend, monkeyp
     assert_close(gw, gw_ref - skipped.t() @ hidden, rtol=1e-9, name="grad_weight")
     # and the error is small next to the gradient itself
     assert (gh - gh_ref).abs().max() < 1e-3 * gh_ref.abs().max()
-    exact_out, *_ = grads(backend, hidden, weight, targets, upstream)
-    torch.testing.assert_close(out, exact_out, rtol=0, atol=0)
+    exact_out, *_ = grads(backend, hidden, weight, targets, upstream, chunk_size=16)   # filtering leaves the
+    torch.testing.assert_close(out, exact_out, rtol=0, atol=0)                          # forward bit for bit
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
