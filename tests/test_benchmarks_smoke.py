@@ -95,13 +95,14 @@ def test_interleaved_passes_end_to_end(tmp_path):
 
 
 def test_chunk_gemms_table(capsys):
-    """The chunked-GEMM diagnostic on a tiny shape: one row per product, a column per chunk size,
-    the unchunked column at 1.00x."""
+    """The chunked-GEMM diagnostic on a tiny shape: one row per product, a column per chunk size and
+    layout, the unchunked column at 1.00x."""
     from benchmarks import chunk_gemms
 
     chunk_gemms.main(["--tokens", "64", "--hidden", "8", "--vocab", "100", "--chunks", "16", "100", "--rounds", "1"])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[2] == "| product | all rows | chunks of 16 |"   # 100 >= N: not a chunk size
+    # 100 >= N: not a chunk size
+    assert lines[2] == "| product | all rows | chunks of 16 | chunks of 16, vocab-major |"
     rows = [line for line in lines if line.startswith("| `")]
     assert [r.split("`")[1] for r in rows] == ["logits = h @ W.T", "grad_h = dz @ W", "grad_W += dz.T @ h"]
     assert all("(1.00×)" in r.split("|")[2] for r in rows)
@@ -115,6 +116,26 @@ def test_paired_rounds():
     assert set(times) == {"floor", "chunked"} and all(len(t) == 3 and min(t) > 0 for t in times.values())
     lines = paired.table(times, "floor").splitlines()
     assert lines[2].startswith("| floor |") and lines[2].endswith("| 1.000x |") and lines[3].startswith("| chunked |")
+
+
+def test_layouts_paired():
+    """The layout diagnostic on a tiny shape: floor, cpp as it is and cpp with row-major token chunks,
+    paired; inside its context the cpp driver's token-chunk blocks are row-major, after it vocab-major."""
+    import torch
+
+    from alignfast.ops import native_rows
+    from alignfast.ops.logprobs import implementation
+    from benchmarks import layouts
+
+    if not native_rows.available():
+        pytest.skip("alignfast._C is not built")
+    h, w = torch.randn(5, 8), torch.randn(30, 8)
+    with layouts.row_major_token_chunks():
+        assert implementation("cpp")._logits(h, w, None, None).stride() == (30, 1)
+    assert implementation("cpp")._logits(h, w, None, None).stride() == (1, 5)
+    lines = layouts.paired("linear_cross_entropy", 64, 16, 256, rounds=2).splitlines()
+    assert [line.split("|")[1].strip() for line in lines[4:]] == ["floor", "cpp vocab-major", "cpp row-major"]
+    assert lines[4].endswith("| 1.000x |")
 
 
 def test_row_kernels_table(capsys):
