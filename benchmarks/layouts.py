@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
 import time
 
 import torch
@@ -22,6 +21,7 @@ from alignfast.ops import chunked
 from benchmarks import impls
 from benchmarks.cases import DTYPES
 from benchmarks.ops import OPS
+from benchmarks.paired import table
 
 
 @contextlib.contextmanager
@@ -62,14 +62,8 @@ def paired(op_name: str, n: int, h: int, v: int, rounds: int) -> str:
     for r in range(rounds):
         for name in names[r % 3:] + names[:r % 3]:
             times[name].append(run(name))
-    floor = statistics.median(times["floor"])
-    lines = [f"{op_name}, N={n} H={h} V={v} fp32, {torch.get_num_threads()} threads: fwd+bwd, "
-             f"{rounds} paired rounds in one process (order rotating)\n",
-             "| impl | median | min-max | × floor |", "|---|---|---|---|"]
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        lines.append(f"| {name} | {med:.2f} s | {min(ts):.2f}-{max(ts):.2f} s | {med / floor:.3f}x |")
-    return "\n".join(lines)
+    return (f"{op_name}, N={n} H={h} V={v} fp32, {torch.get_num_threads()} threads: fwd+bwd, "
+            f"{rounds} paired rounds in one process (order rotating)\n\n" + table(times, "floor"))
 
 
 def main(argv=None) -> None:
