@@ -46,7 +46,9 @@ class Sizes:
 
 
 FULL = Sizes()
-QUICK = Sizes(n_train=2000, n_eval=128, reward_steps=60, dpo_steps=30, kto_steps=30, ppo_steps=40, grpo_steps=40,
+# PPO keeps its 60 steps: at 40 its held-out task-reward gain ranged 0.13-0.33 over seeds and float
+# rounding (the tests ask for 0.15), at 60 0.23-0.35
+QUICK = Sizes(n_train=2000, n_eval=128, reward_steps=60, dpo_steps=30, kto_steps=30, ppo_steps=60, grpo_steps=40,
               cai_prompts=256, cai_sl_steps=20, cai_rl_steps=8)
 
 HIDDEN_SIZE, NUM_LAYERS = 64, 2  # the tiny Llama (alignfast.models.tiny)
