@@ -300,8 +300,8 @@ template <typename T>
 struct RowPacks {
   using V = VecOf<T>;
   static constexpr int W = Simd<T>::W;
-  int64_t rows, packs, tail;
-  explicit RowPacks(int64_t n) : rows(n), packs(n / W), tail(n % W) {}
+  int64_t packs, tail;
+  explicit RowPacks(int64_t n) : packs(n / W), tail(n % W) {}
   int64_t count() const { return packs + (tail > 0); }
   V load_pack(const T* row_v, int64_t k) const {
     return k < packs ? load(row_v + k * W) : load_partial<T>(row_v + k * W, tail, T(0));
