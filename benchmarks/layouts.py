@@ -1,11 +1,10 @@
 """The `cpp` backend with vocab-major vs row-major token chunks, paired (a diagnostic; time only).
 
-The `cpp` backend forms a token chunk's logits (a block spanning the whole vocabulary) as the
-[V, rows] product W·hᵀ and reads it transposed (`ChunkedLogProbs._logits`), because on a CPU MKL
-runs that product, and grad_weight's from the gradient block in that layout, faster than h·Wᵀ
+The `cpp` backend forms a token chunk's logits (a block spanning the whole vocabulary) either as
+h·Wᵀ or as the [V, rows] product W·hᵀ read transposed, by CPU vendor or ALIGNFAST_CPU_LAYOUT
+(`alignfast.ops.cpu_layout`), because the BLAS runs one or the other faster depending on the CPU
 (`python -m benchmarks.chunk_gemms` times the products alone). This times fwd+bwd of one op with
-`cpp` as it is and with row-major token chunks, next to the floor, taking turns in one process (as
-`benchmarks.paired`).
+`cpp` in each layout, next to the floor, taking turns in one process (as `benchmarks.paired`).
 
     python -m benchmarks.layouts --op linear_cross_entropy --rounds 3
 """
@@ -13,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import time
 
 import torch
 
-from alignfast.ops import chunked
+from alignfast.ops.cpu_layout import cpu_vendor
 from benchmarks import impls
 from benchmarks.cases import DTYPES
 from benchmarks.ops import OPS
@@ -25,18 +25,17 @@ from benchmarks.paired import table
 
 
 @contextlib.contextmanager
-def row_major_token_chunks():
-    """`cpp` with every logits block row-major (the layout before vocab-major token chunks)."""
-    original = chunked.ChunkedLogProbs._logits
-
-    def row_major(self, hidden, weight, bias, out, *, whole_vocab=True):
-        return chunked.logits_block(hidden, weight, bias, out=out, vocab_major=False)
-
-    chunked.ChunkedLogProbs._logits = row_major
+def cpu_layout(layout: str):
+    """`cpp` with its token chunks in `layout` ("row" or "vocab") for the duration."""
+    before = os.environ.get("ALIGNFAST_CPU_LAYOUT")
+    os.environ["ALIGNFAST_CPU_LAYOUT"] = layout
     try:
         yield
     finally:
-        chunked.ChunkedLogProbs._logits = original
+        if before is None:
+            del os.environ["ALIGNFAST_CPU_LAYOUT"]
+        else:
+            os.environ["ALIGNFAST_CPU_LAYOUT"] = before
 
 
 def paired(op_name: str, n: int, h: int, v: int, rounds: int) -> str:
@@ -44,8 +43,8 @@ def paired(op_name: str, n: int, h: int, v: int, rounds: int) -> str:
     inputs = op.make_inputs(n, h, v, DTYPES["fp32"], torch.device("cpu"))
     steps = {"floor": impls.build("floor", op, inputs), "cpp": impls.build("cpp", op, inputs)}
     variants = {"floor": ("floor", contextlib.nullcontext),
-                "cpp vocab-major": ("cpp", contextlib.nullcontext),
-                "cpp row-major": ("cpp", row_major_token_chunks)}
+                "cpp vocab-major": ("cpp", lambda: cpu_layout("vocab")),
+                "cpp row-major": ("cpp", lambda: cpu_layout("row"))}
 
     def run(name: str) -> float:
         step, context = variants[name]
@@ -62,7 +61,8 @@ def paired(op_name: str, n: int, h: int, v: int, rounds: int) -> str:
     for r in range(rounds):
         for name in names[r % 3:] + names[:r % 3]:
             times[name].append(run(name))
-    return (f"{op_name}, N={n} H={h} V={v} fp32, {torch.get_num_threads()} threads: fwd+bwd, "
+    return (f"{op_name}, N={n} H={h} V={v} fp32, {torch.get_num_threads()} threads, "
+            f"{cpu_vendor() or 'unknown'} CPU: fwd+bwd, "
             f"{rounds} paired rounds in one process (order rotating)\n\n" + table(times, "floor"))
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from alignfast.ops.cpu_layout import token_chunks_vocab_major
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -55,4 +57,5 @@ def describe(device_type: str) -> dict:
         "trl": _version("trl"),
         "git_commit": _git_commit(),
         "chunk_bytes_env": os.environ.get("ALIGNFAST_CHUNK_BYTES", ""),
+        "cpp_token_chunks": "vocab-major" if token_chunks_vocab_major() else "row-major",
     }

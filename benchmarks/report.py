@@ -12,7 +12,7 @@ COLUMNS = [
     "time_median_s", "time_iqr_s", "rounds", "passes", "time_vs_naive", "time_vs_floor",
     "extra_peak_bytes", "mem_vs_naive", "peak_bytes", "baseline_bytes", "produced_bytes", "workspace_bytes",
     "mem_method", "timer", "device_type", "device", "cores", "torch_threads", "torch", "cuda", "triton",
-    "alignfast", "liger_kernel", "trl", "git_commit", "chunk_bytes_env", "timestamp",
+    "alignfast", "liger_kernel", "trl", "git_commit", "chunk_bytes_env", "cpp_token_chunks", "timestamp",
 ]
 
 

@@ -119,20 +119,24 @@ def test_paired_rounds():
 
 
 def test_layouts_paired():
-    """The layout diagnostic on a tiny shape: floor, cpp as it is and cpp with row-major token chunks,
-    paired; inside its context the cpp driver's token-chunk blocks are row-major, after it vocab-major."""
+    """The layout diagnostic on a tiny shape: floor and cpp with each token-chunk layout, paired; inside
+    each context the cpp driver's token-chunk blocks have that layout, after it the machine's own."""
     import torch
 
-    from alignfast.ops import native_rows
+    from alignfast.ops import cpu_layout, native_rows
     from alignfast.ops.logprobs import implementation
     from benchmarks import layouts
 
     if not native_rows.available():
         pytest.skip("alignfast._C is not built")
     h, w = torch.randn(5, 8), torch.randn(30, 8)
-    with layouts.row_major_token_chunks():
+    default = implementation("cpp")._logits(h, w, None, None).stride()
+    with layouts.cpu_layout("row"):
         assert implementation("cpp")._logits(h, w, None, None).stride() == (30, 1)
-    assert implementation("cpp")._logits(h, w, None, None).stride() == (1, 5)
+    with layouts.cpu_layout("vocab"):
+        assert implementation("cpp")._logits(h, w, None, None).stride() == (1, 5)
+    assert default == ((1, 5) if cpu_layout.token_chunks_vocab_major() else (30, 1))
+    assert implementation("cpp")._logits(h, w, None, None).stride() == default
     lines = layouts.paired("linear_cross_entropy", 64, 16, 256, rounds=2).splitlines()
     assert [line.split("|")[1].strip() for line in lines[4:]] == ["floor", "cpp vocab-major", "cpp row-major"]
     assert lines[4].endswith("| 1.000x |")

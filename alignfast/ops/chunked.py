@@ -74,11 +74,10 @@ class ChunkedLogProbs:
         self.rows, self.vocab_major = rows, vocab_major
 
     def _logits(self, hidden, weight, bias, out, *, whole_vocab: bool = True) -> torch.Tensor:
-        """`logits_block`, vocab-major where that is faster: on a CPU, for a block spanning the whole
-        vocabulary (a token chunk), the pass's three products take 1.05× their all-rows time instead
-        of 1.095× row-major; on vocab slices of all tokens it gains nothing and grad_hidden's loses ~5%
-        (MKL on a Xeon, H=1024, V=128256, chunks of 523 rows or slices of 4096 × 16384:
-        benchmarks/results/cpu-layouts/, `python -m benchmarks.chunk_gemms`)."""
+        """`logits_block`, vocab-major where asked (`cpu_layout`) for a block spanning the whole
+        vocabulary (a token chunk) on a CPU; vocab slices of all tokens stay row-major: there the
+        layout gained nothing and grad_hidden's product lost ~5% (MKL on a Xeon, slices of
+        4096 × 16384: benchmarks/results/cpu-layouts/)."""
         vocab_major = self.vocab_major and whole_vocab and hidden.device.type == "cpu"
         return logits_block(hidden, weight, bias, out=out, vocab_major=vocab_major)
 

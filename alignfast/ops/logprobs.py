@@ -65,10 +65,11 @@ def implementation(backend: str):
 
         return ChunkedLogProbs(rowwise)
     if backend in ("cpp", "cuda"):
-        from alignfast.ops import native_rows
+        from alignfast.ops import cpu_layout, native_rows
         from alignfast.ops.chunked import ChunkedLogProbs
 
-        return ChunkedLogProbs(native_rows, vocab_major=backend == "cpp")
+        vocab_major = backend == "cpp" and cpu_layout.token_chunks_vocab_major()
+        return ChunkedLogProbs(native_rows, vocab_major=vocab_major)
     if backend == "triton":
         from alignfast.kernels import logprobs as triton_logprobs
 
