@@ -1,4 +1,4 @@
-"""Builds `alignfast._C` from csrc/ and maps kernels/ to `alignfast.kernels`.
+"""Builds `alignfast._C` from csrc/.
 
 The native build is optional: without torch at build time, without a compiler, with
 ALIGNFAST_SKIP_NATIVE=1, or when compilation fails, the install still succeeds (with a
@@ -78,8 +78,7 @@ def _optional_build_ext(base):
 ext_modules, cmdclass = native_extensions()
 
 setup(
-    packages=find_packages(include=["alignfast", "alignfast.*"]) + ["alignfast.kernels"],
-    package_dir={"alignfast.kernels": "kernels"},
+    packages=find_packages(include=["alignfast", "alignfast.*"]),
     package_data={"alignfast": ["data/assets/*", "data/*.yaml", "configs/*"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

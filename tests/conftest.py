@@ -11,27 +11,6 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-
-def _import_installed_kernels() -> None:
-    """The repository's top-level kernels/ (installed as `alignfast.kernels`) shadows PyPI's
-    `kernels` package, which transformers/TRL import when it is installed, whenever the checkout's
-    root is on sys.path (`python -m pytest`): import the installed one first, from site-packages."""
-    import importlib
-    import sys
-
-    root = str(Path(__file__).resolve().parent.parent)
-    saved = sys.path[:]
-    sys.path[:] = [p for p in sys.path if p not in ("", ".") and os.path.abspath(p) != root]
-    try:
-        importlib.import_module("kernels")
-    except ImportError:
-        sys.modules.pop("kernels", None)
-    finally:
-        sys.path[:] = saved
-
-
-_import_installed_kernels()
-
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

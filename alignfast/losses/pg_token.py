@@ -15,7 +15,7 @@ modes, GRPO's normalisers, the metric means) stay in PyTorch in ppo.py / grpo.py
 Backends (`backend=`):
 
     torch   the formula in PyTorch ops, differentiated by autograd: the reference the kernels match
-    triton  kernels/pg_token_loss.py (CUDA; CPU only under TRITON_INTERPRET=1)
+    triton  alignfast/kernels/pg_token_loss.py (CUDA; CPU only under TRITON_INTERPRET=1)
     cpp     torch.ops.alignfast.pg_token_loss on CPU (csrc/pg_token_loss_cpu.cpp)
     cuda    the same op on CUDA (csrc/cuda/pg_token_loss.cu)
     auto    CUDA tensors: triton, else cuda when built; CPU tensors: cpp when built, else torch

@@ -10,7 +10,7 @@ one over H_ref for the reference), reduced on the spot by an online logsumexp of
 online, re-centred Σ e^{x−m}·((x − m) − (y − m_y)). Only [N] outputs are written.
 
 Backward (`_kl_bwd_kernel`): one program per (token block, vocab block) tile in grouped order, as
-`kernels/logprobs.py`: it recomputes both logits tiles, forms dZ = ∂L/∂z of the policy logits and
+`alignfast/kernels/logprobs.py`: it recomputes both logits tiles, forms dZ = ∂L/∂z of the policy logits and
 pushes dZ·W into grad_hidden, dZᵀ·h into grad_weight and Σ_n dZ into grad_bias with fp32 atomic
 adds (fp64 for fp64 inputs); see that file for why atomics. 4 vocab projections in the backward
 (2 recomputed, 2 for the gradients), 2 in the forward.
@@ -18,7 +18,7 @@ adds (fp64 for fp64 inputs); see that file for why atomics. 4 vocab projections 
 Launchers (`forward`, `backward`) follow `alignfast.ops.kl.ChunkedKL` and assume validated input
 (`alignfast.ops.kl.make_kl_options`): both sides in the same dtype and on the same device.
 
-Precision, blocks and autotuning: as `kernels/logprobs.py`, whose tile helper and block
+Precision, blocks and autotuning: as `alignfast/kernels/logprobs.py`, whose tile helper and block
 configuration this file reuses (tiles multiplied in the input dtype, accumulated in fp32; fp64
 throughout for fp64 inputs; bf16/fp16 tiles upcast to fp32 before `tl.dot` only under
 TRITON_INTERPRET=1; `ALIGNFAST_AUTOTUNE=1` to autotune).
