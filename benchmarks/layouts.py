@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import os
 import time
+from unittest import mock
 
 import torch
 
@@ -24,18 +25,9 @@ from benchmarks.ops import OPS
 from benchmarks.paired import table
 
 
-@contextlib.contextmanager
 def cpu_layout(layout: str):
-    """`cpp` with its token chunks in `layout` ("row" or "vocab") for the duration."""
-    before = os.environ.get("ALIGNFAST_CPU_LAYOUT")
-    os.environ["ALIGNFAST_CPU_LAYOUT"] = layout
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["ALIGNFAST_CPU_LAYOUT"]
-        else:
-            os.environ["ALIGNFAST_CPU_LAYOUT"] = before
+    """`cpp` with its token chunks in `layout` ("row" or "vocab") inside the returned context."""
+    return mock.patch.dict(os.environ, {"ALIGNFAST_CPU_LAYOUT": layout})
 
 
 def paired(op_name: str, n: int, h: int, v: int, rounds: int) -> str:
