@@ -1,7 +1,7 @@
 // PPO/GRPO per-token loss in one elementwise pass: plain C++ parameters and the per-token math,
 // shared by the CPU kernel (pg_token_loss_cpu.cpp), the CUDA kernel (cuda/pg_token_loss.cu) and the
 // registration files. The semantics of alignfast.losses.pg_token's torch backend (and of the Triton
-// kernel in kernels/pg_token_loss.py). Per token t, every output 0 where valid_t is false:
+// kernel in alignfast/kernels/pg_token_loss.py). Per token t, every output 0 where valid_t is false:
 //   lr = logp − old (0 when old is absent: on-policy, ρ = 1), clamped to [−C, C] when C is set
 //        (∂lr/∂logp = 1 inside, 0 outside);   ρ = exp(lr)
 //   u = −A·ρ,  c = −A·clip(ρ, lo, hi);   l = max(u, c),  ∂l/∂logp = 0 if c > u else −A·ρ·∂lr/∂logp

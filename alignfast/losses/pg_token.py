@@ -43,7 +43,7 @@ PG_TOKEN_BACKENDS = ("auto", "torch", "triton", "cpp", "cuda")
 NATIVE_OP = "alignfast::pg_token_loss"
 TRITON_OP = "alignfast::pg_token_loss_triton"
 
-# Bits of TokenTerms.flags (the same in kernels/pg_token_loss.py and csrc/pg_token_loss.h).
+# Bits of TokenTerms.flags (the same in alignfast/kernels/pg_token_loss.py and csrc/pg_token_loss.h).
 CLIPPED = 1       # −A·clip(ρ) > −A·ρ: the clipped branch is the loss (PPO's clipfrac)
 CLIP_LOW = 2      # ρ < 1 − ε_low and A < 0 (TRL's clip_ratio/low)
 CLIP_HIGH = 4     # ρ > 1 + ε_high and A > 0 (TRL's clip_ratio/high)
