@@ -31,7 +31,7 @@ from alignfast import dispatch
 from alignfast.ops import validation
 from alignfast.ops.chunked import _GradAccumulator, logits_block
 from alignfast.ops.logprobs import reference_logits
-from alignfast.ops.options import LogitOptions, compute_dtype
+from alignfast.ops.options import LogitOptions, budget_rows, compute_dtype
 
 # `cpp`/`cuda` have no KL row kernels (yet): they are not offered for this op, so `auto` on a CPU
 # with `alignfast._C` picks `chunked`, and an explicit backend="cpp" is a clear RuntimeError.
@@ -48,11 +48,11 @@ class KLOptions:
     chunk_size: int | None = None  # tokens per chunk for the chunked path; None: from the byte budget
 
     def chunk_rows(self, vocab: int, dtype: torch.dtype = torch.float32) -> int:
-        """Tokens per chunk: `chunk_size`, or a third of `LogitOptions.chunk_rows`: a chunk holds the
+        """Tokens per chunk: `chunk_size`, or a third of the byte budget's rows: a chunk holds the
         policy and the reference [rows, V] blocks, plus one transient block (the forward's logsumexp)."""
         if self.chunk_size is not None:
             return self.chunk_size
-        return max(1, LogitOptions().chunk_rows(vocab, dtype) // 3)
+        return budget_rows(vocab, dtype, blocks=3)
 
 
 class KLStats(NamedTuple):

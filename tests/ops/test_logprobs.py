@@ -159,6 +159,24 @@ def test_byte_budget_bounds_the_chunk(monkeypatch):
     assert LogitOptions().chunk_rows(1000) == 1
 
 
+def test_budget_sized_blocks_are_aligned(monkeypatch):
+    """Budget-sized block dimensions are whole 64-byte lines of fp32 (BLAS runs odd ones slowly)."""
+    from alignfast.ops.kl import KLOptions
+    from alignfast.ops.options import LogitOptions
+
+    monkeypatch.delenv("ALIGNFAST_CHUNK_BYTES", raising=False)
+    assert LogitOptions().chunk_rows(128256) == 512          # 523 fit the 256 MiB budget
+    assert LogitOptions().chunk_rows(128256, torch.float64) == 256   # 261 fit
+    assert KLOptions().chunk_rows(128256) == 160              # 174 fit
+    assert LogitOptions().block_shape(4000, 128256) == (4000, 16768)   # 16777 fit
+    assert LogitOptions().block_shape(100_000, 128256) == (16384, 4096)
+    assert LogitOptions().block_shape(4000, 4099) == (4000, 4099)   # the whole vocabulary fits
+    monkeypatch.setenv("ALIGNFAST_CHUNK_BYTES", str(4 * 1000 * 31))
+    assert LogitOptions().chunk_rows(1000) == 31              # rounding would lose over half
+    monkeypatch.setenv("ALIGNFAST_CHUNK_BYTES", str(4 * 1000 * 47))
+    assert LogitOptions().chunk_rows(1000) == 32
+
+
 def test_auto_backend_on_cpu():
     expected = "cpp" if "cpp" in alignfast.backends() else "chunked"
     from alignfast.dispatch import resolve
