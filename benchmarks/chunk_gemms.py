@@ -2,7 +2,9 @@
 
 The fused forward+backward (`linear_cross_entropy`, the fused losses) needs each row's lse before
 its gradient, so it works on token chunks of whole rows: at the default 256 MiB budget and
-V=128256, 523 rows. Each of its three products is then a chunk-sized BLAS call:
+V=128256, 512 rows (523 fit; blocks are whole multiples of 16 rows, since an odd leading
+dimension can cost a BLAS dearly, as `--chunks 523` shows). Each of its three products is then a
+chunk-sized BLAS call:
 
     logits  = h[c] @ W.T     (M=rows, K=H, N=V)   reads the whole head W
     grad_h  = dz @ W         (M=rows, K=V, N=H)   reads the whole head W
@@ -13,7 +15,7 @@ one process (so drift hits every variant alike), and prints medians and ratios a
 Chunks come in both layouts of the block: row-major ([rows, V], h @ W.T) and vocab-major (the
 [V, rows] product W @ h.T, read transposed), which the `cpp` backend's token chunks use on a CPU.
 
-    python -m benchmarks.chunk_gemms --rounds 3 --chunks 523 1046 > benchmarks/results/<dir>/chunk_gemms.md
+    python -m benchmarks.chunk_gemms --rounds 3 --chunks 512 523 > benchmarks/results/<dir>/chunk_gemms.md
 """
 from __future__ import annotations
 
@@ -72,7 +74,7 @@ def main(argv=None) -> None:
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--vocab", type=int, default=128256)
-    p.add_argument("--chunks", type=int, nargs="+", default=[523, 1046])
+    p.add_argument("--chunks", type=int, nargs="+", default=[512, 523])
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args(argv)
     n = args.tokens
