@@ -3,12 +3,15 @@
 A token chunk (a [rows, V] logits block spanning the whole vocabulary) can be the product h·Wᵀ or
 the [V, rows] product W·hᵀ read transposed (`chunked.logits_block`); the row kernels and every later
 product read either. Which is faster is the BLAS's business, and it differs by CPU
-(`python -m benchmarks.chunk_gemms`, H=1024, V=128256, chunks of 523 rows, the pass's three
-products over their all-rows time):
+(`python -m benchmarks.chunk_gemms`, H=1024, V=128256, the pass's three products on token chunks
+over their all-rows time):
 
-    MKL on an Intel Xeon (AVX-512):  row-major 1.095×, vocab-major 1.050×
-    MKL on an AMD EPYC (Zen 4):      row-major 1.009×, vocab-major 1.17× (W·hᵀ alone 1.50×)
+    MKL on an Intel Xeon (AVX-512), 523 rows:  row-major 1.095×, vocab-major 1.050×
+    MKL on an AMD EPYC (Zen 4), 523 rows:      row-major 1.030×, vocab-major 1.19× (W·hᵀ alone 1.55×)
+    MKL on an AMD EPYC (Zen 4), 512 rows:      row-major 1.024×, vocab-major 1.032×
 
+Budget-sized chunks are 512 rows (`options.BLOCK_ALIGN`), but the fused losses pack whole
+sequences, so their chunks can have any number of rows, 523 among them.
 So `auto` takes vocab-major on Intel CPUs and row-major elsewhere; ALIGNFAST_CPU_LAYOUT=row|vocab
 overrides it. The choice is fixed per machine, so a run's rounding does not depend on a timing.
 """
