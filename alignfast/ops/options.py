@@ -10,7 +10,7 @@ DEFAULT_CHUNK_BYTES = 256 * 2**20
 # the backward's blocks are at least this many vocab columns wide (or the whole vocabulary)
 MIN_BLOCK_COLS = 4096
 # budget-sized block dimensions are rounded down to a multiple of this (one 64-byte line of fp32):
-# BLAS runs a block whose leading dimension is odd far slower (MKL on Zen 4: the [V, 523] logits
+# a BLAS can run a block with an odd leading dimension far slower (MKL on Zen 4: the [V, 523] logits
 # product of a token chunk 1.55x its time on all rows, [V, 512] 1.06x)
 BLOCK_ALIGN = 16
 
