@@ -61,7 +61,7 @@ class LogitOptions:
             return max(tokens, 1), vocab
         if cols >= min_cols:
             return max(tokens, 1), _aligned(cols)
-        return _aligned(max(1, budget // (min_cols * itemsize))), min_cols
+        return budget_rows(min_cols, dtype), min_cols
 
 
 def budget_rows(vocab: int, dtype: torch.dtype = torch.float32, blocks: int = 1) -> int:
