@@ -65,11 +65,11 @@ def _kl_fwd_kernel(
     inv_temp,        # float, 1/temperature
     N_BUCKET,        # next_power_of_2(N): only an autotune key
     HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, REVERSE: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, INDEX64: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     acc_dtype: tl.constexpr = lse_ptr.dtype.element_ty
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64 if INDEX64 else tl.int32)
     row_mask = rows < N
 
     m = tl.full([BLOCK_N], _NEG_START, dtype=acc_dtype)    # running max of x
@@ -88,7 +88,7 @@ def _kl_fwd_kernel(
     # log q = y − m_r − log s_r:
     #   KL(p‖q) = a/s − log s + log s_r,   KL(q‖p) = a/s_r − log s_r + log s.
     for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
+        cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64 if INDEX64 else tl.int32)
         col_mask = cols < V
         x = _raw_logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_mask, col_mask, H,
                              stride_hn, stride_hk, stride_wv, stride_wk,
@@ -152,7 +152,7 @@ def _kl_bwd_kernel(
     N_BUCKET,        # next_power_of_2(N): only an autotune key
     HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, REVERSE: tl.constexpr,
     NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, GROUP_N: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, INDEX64: tl.constexpr, GROUP_N: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     acc_dtype: tl.constexpr = lse_ptr.dtype.element_ty
@@ -166,8 +166,8 @@ def _kl_bwd_kernel(
     pid_n = first_n + (pid % per_group) % group_size
     pid_v = (pid % per_group) // group_size
 
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64 if INDEX64 else tl.int32)
+    cols = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64 if INDEX64 else tl.int32)
     row_mask = rows < N
     col_mask = cols < V
     tile_mask = row_mask[:, None] & col_mask[None, :]
@@ -245,7 +245,7 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             ref_hidden, ref_weight, ref_bias.contiguous() if ref_bias is not None else unused,
             *stats, *_common_args(hidden, weight, ref_hidden, ref_weight, opts))
     flags = dict(HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None, REVERSE=opts.reverse,
-                 **_flags(hidden))
+                 **_flags(hidden, weight, ref_hidden, ref_weight))
     if config is None and autotune_enabled():
         _fwd_autotuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, **flags)
         return stats
@@ -279,7 +279,8 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                 gh if gh is not None else lse, gw if gw is not None else lse, gb if gb is not None else lse,
                 *_common_args(hidden, weight, ref_hidden, ref_weight, opts))
         flags = dict(HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None, REVERSE=opts.reverse,
-                     NEED_DH=bool(need_h), NEED_DW=bool(need_w), NEED_DB=need_b, **_flags(hidden))
+                     NEED_DH=bool(need_h), NEED_DW=bool(need_w), NEED_DB=need_b,
+                     **_flags(hidden, weight, ref_hidden, ref_weight))
         if config is None and autotune_enabled():
             _bwd_autotuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(v, meta["BLOCK_V"]),)](
                 *args, **flags, GROUP_N=8)

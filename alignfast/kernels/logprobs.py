@@ -150,11 +150,11 @@ def _logprobs_fwd_kernel(
     inv_temp,      # float, 1/temperature
     N_BUCKET,      # next_power_of_2(N): only an autotune key
     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr, WITH_ZMEAN: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, INDEX64: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     acc_dtype: tl.constexpr = lse_ptr.dtype.element_ty
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64 if INDEX64 else tl.int32)
     row_mask = rows < N
     target = tl.load(targets_ptr + rows, mask=row_mask, other=-1).to(tl.int32)
 
@@ -169,7 +169,7 @@ def _logprobs_fwd_kernel(
     #   a' = e^{m−m'}·(a + (m−m')·s) + Σ_v e^{x−m'}·(x−m')      [Σ e^{x−m'}(x−m') re-centred]
     # Finally lse = m + log s, logprob = x_t − lse, entropy = log s − a/s, zmean = Σ x / V.
     for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
+        cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64 if INDEX64 else tl.int32)
         col_mask = cols < V
         x = _raw_logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_mask, col_mask, H,
                              stride_hn, stride_hk, stride_wv, stride_wk,
@@ -263,7 +263,7 @@ def _logprobs_bwd_kernel(
     filter_eps,    # read only if FILTER
     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, G_ENTROPY: tl.constexpr, G_ZMEAN: tl.constexpr,
     NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, FILTER: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, GROUP_N: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, INDEX64: tl.constexpr, GROUP_N: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     acc_dtype: tl.constexpr = lse_ptr.dtype.element_ty
@@ -278,8 +278,8 @@ def _logprobs_bwd_kernel(
     pid_n = first_n + (pid % per_group) % group_size
     pid_v = (pid % per_group) // group_size
 
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64 if INDEX64 else tl.int32)
+    cols = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64 if INDEX64 else tl.int32)
     row_mask = rows < N
     col_mask = cols < V
     tile_mask = row_mask[:, None] & col_mask[None, :]
@@ -344,10 +344,21 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _flags(hidden: torch.Tensor) -> dict:
+def _flags(hidden: torch.Tensor, *operands: torch.Tensor) -> dict:
+    """The launch flags that follow from the inputs: `hidden` and every other [rows, H] operand."""
     upcast = triton_interpreted() and hidden.dtype in (torch.bfloat16, torch.float16)
     # fp32 inputs: true fp32 products (no TF32), to match PyTorch's default fp32 matmul.
-    return dict(UPCAST=upcast, DOT_PRECISION="ieee")
+    return dict(UPCAST=upcast, DOT_PRECISION="ieee", INDEX64=_needs_int64_offsets(hidden, *operands))
+
+
+def _needs_int64_offsets(*operands: torch.Tensor) -> bool:
+    """Whether an element offset the kernels compute, row·stride + column·stride into an operand or
+    into a contiguous gradient of its shape, can reach 2³¹. Then rows and columns are int64: int32
+    products would wrap and read (or write) far outside the tensor. Rare (N·H ≥ 2³¹, e.g. 512k
+    tokens at H = 4096) and slower, hence a compile-time flag rather than always."""
+    far = max((max(t.numel(), 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())))
+               for t in operands), default=0)
+    return far > 2**31
 
 
 def _common_args(hidden, weight, opts: LogitOptions):
@@ -377,7 +388,7 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     args = (hidden, weight, bias_arg, targets, logprob, lse, entropy, zmean,
             *_common_args(hidden, weight, opts))
     flags = dict(HAS_BIAS=bias is not None, SOFTCAP=opts.softcap is not None, WITH_ENTROPY=opts.with_entropy,
-                 WITH_ZMEAN=opts.with_zmean, **_flags(hidden))
+                 WITH_ZMEAN=opts.with_zmean, **_flags(hidden, weight))
     if config is None and autotune_enabled():
         _fwd_autotuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, **flags)
         return stats
@@ -431,7 +442,7 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                 *_common_args(hidden, weight, opts), float(opts.grad_filter_eps or 0.0))
         flags = dict(HAS_BIAS=bias is not None, SOFTCAP=opts.softcap is not None, G_ENTROPY=g_ent is not None,
                      G_ZMEAN=g_zm is not None, NEED_DH=bool(need_h), NEED_DW=bool(need_w), NEED_DB=need_b,
-                     FILTER=opts.grad_filter_eps is not None, **_flags(hidden))
+                     FILTER=opts.grad_filter_eps is not None, **_flags(hidden, weight))
         if config is None and autotune_enabled():
             _bwd_autotuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(v, meta["BLOCK_V"]),)](
                 *args, **flags, GROUP_N=8)

@@ -29,7 +29,7 @@ SCRIPT = textwrap.dedent('''
     def compile_(kernel, dt, acc, ptrs, consts, cfg):
         sig = {**{p: f"*{acc}" for p in ptrs}, "hidden_ptr": f"*{dt}", "weight_ptr": f"*{dt}",
                "bias_ptr": f"*{dt}", "targets_ptr": "*i64", **common}
-        consts = dict(consts, UPCAST=False, DOT_PRECISION="ieee", BLOCK_N=cfg.block_n,
+        consts = dict(consts, UPCAST=False, DOT_PRECISION="ieee", INDEX64=on, BLOCK_N=cfg.block_n,
                       BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h)
         order = [a for a in kernel.arg_names if a in sig or a in consts]
         full = {a: sig.get(a, "constexpr") for a in order}
@@ -42,6 +42,7 @@ SCRIPT = textwrap.dedent('''
     for dt, on in (("bf16", True), ("fp32", False)):
         fwd = K.default_config(dtypes[dt], 1, 1, 1, "fwd")
         bwd = K.default_config(dtypes[dt], 1, 1, 1, "bwd")
+        # on: every optional feature, and int64 offsets (`INDEX64`, for operands past 2^31 elements).
         if on:  # the forward's flag-off branches are trivial; the backward's are not
             compile_(K._logprobs_fwd_kernel, dt, "fp32",
                      ("logprob_ptr", "lse_ptr", "entropy_ptr", "zmean_ptr"),

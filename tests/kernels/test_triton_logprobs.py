@@ -229,3 +229,24 @@ def test_public_api_matches_reference(ignore, poison_empty):
 def test_dispatch_offers_triton_here():
     assert "triton" in alignfast.backends(DEVICE)
     assert alignfast.dispatch.resolve("triton", torch.device(DEVICE)) == "triton"
+
+
+def spread_rows(x: torch.Tensor, stride: int) -> torch.Tensor:
+    """x [R, C] copied into rows `stride` elements apart: a view whose last row lies past 2³¹ elements,
+    in mostly untouched (hence unbacked) memory."""
+    base = torch.empty((x.shape[0] - 1) * stride + x.shape[1], dtype=x.dtype, device=DEVICE)
+    return base.as_strided(x.shape, (stride, 1)).copy_(x)
+
+
+@pytest.mark.parametrize("operand", ["hidden", "weight"])
+def test_offsets_past_2_31_elements(operand):
+    """Element offsets ≥ 2³¹ (long batches: N·H ≥ 2³¹) index in int64, not wrapped int32 (which read
+    outside the tensor: a crash or garbage)."""
+    (hidden, weight, bias), targets, upstream = make_inputs(3, 16, 300, seed=9)
+    opts = LogitOptions(backend="triton", **ALL_ON)
+    far = dict(hidden=hidden, weight=weight)
+    far[operand] = spread_rows(far[operand].to(DEVICE), 2**31 // (far[operand].shape[0] - 1) + 16)
+    assert K._flags(far["hidden"], far["weight"])["INDEX64"]
+    assert not K._flags(hidden, weight)["INDEX64"]
+    st, grads = kernels(far["hidden"], far["weight"], bias, targets, opts, upstream)
+    check(st, grads, *exact(hidden, weight, bias, targets, opts, upstream), opts)

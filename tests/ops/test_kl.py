@@ -260,3 +260,23 @@ def test_bad_input(case):
     positional = [kwargs.pop(k) for k in ("hidden", "weight", "ref_hidden", "ref_weight")]
     with pytest.raises(err, match=pattern):
         alignfast.linear_kl(*positional, **kwargs)
+
+
+def test_triton_offsets_past_2_31_elements():
+    """A reference operand whose rows lie past 2³¹ elements: the Triton kernels index it in int64."""
+    if "triton" not in BACKENDS:
+        pytest.skip("triton unavailable")
+    from alignfast.kernels import kl as triton_kl
+    from alignfast.ops.kl import KLOptions
+
+    t, _, upstream = make_case(3, 16, 300, seed=5)
+    base = torch.empty(2 * 2**30 + 16, dtype=torch.float32)
+    far_ref = base.as_strided((3, 16), (2**30, 1)).copy_(t["ref_hidden"])  # row 2 at element 2³¹
+    opts = KLOptions(backend="triton")
+    stats = triton_kl.forward(t["hidden"], t["weight"], None, far_ref, t["ref_weight"], None, opts)
+    grads = triton_kl.backward(t["hidden"], t["weight"], None, far_ref, t["ref_weight"], None, stats,
+                               upstream.float(), opts, (True, True, False))
+    want, want_grads = naive_run({k: None if x is None else x.double() for k, x in t.items()}, None, upstream)
+    assert_close(stats.kl, want, rtol=1e-5, name="kl")
+    for name, a, e in zip(("grad_hidden", "grad_weight"), grads, want_grads):
+        assert_close(a, e, rtol=1e-5, name=name)
