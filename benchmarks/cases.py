@@ -77,7 +77,11 @@ CPU_MODEL_IMPLS = ("naive", "floor", "chunked", "torch_compile", "trl", "liger",
 CPU_MODEL_TOKENS = (256, 512, 1024)
 CPU_MODEL_SCALE = 8
 TRL_DEFAULT_VOCAB_CHUNK = 32768   # benchmarks.third_party.TRL_VOCAB_CHUNK unless the environment sets it
-GPU_IMPLS = ("naive", "floor", "chunked", "triton", "cuda", "liger", "cce", "trl", "torch_compile")
+# the GPU suite runs within gpu_check.sh's few minutes: the target shape (N=16384) first, then the
+# ops and impls in the order the targets need them (torch.compile, ~1 min to compile, last)
+GPU_OPS = ("linear_cross_entropy", "linear_logprobs", "dpo", "cross_entropy_filtered")
+GPU_IMPLS = ("naive", "floor", "triton", "cuda", "liger", "cce", "chunked", "trl", "torch_compile")
+GPU_TOKENS = (16384, 4096, 8192)
 
 SUITES = {
     "smoke": Suite("smoke", grid(OPS, CPU_IMPLS, [(256, 64, 4096)], ["fp32"], "cpu"),
@@ -116,8 +120,7 @@ SUITES = {
         rounds=3, warmup=1, timeout_s=1800,
         note="N=4096 (8 sequences of 512), H=1024, V=128256: the issue's target shape"),
     # model-shaped (Llama-3 8B head), a few token counts
-    "gpu": Suite("gpu", grid(HEAD_OPS, GPU_IMPLS, [(n, 4096, 128256) for n in (4096, 8192, 16384)], ["bf16"],
-                             "cuda"),
+    "gpu": Suite("gpu", grid(GPU_OPS, GPU_IMPLS, [(n, 4096, 128256) for n in GPU_TOKENS], ["bf16"], "cuda"),
                  rounds=20, warmup=3, timeout_s=600),
 }
 
