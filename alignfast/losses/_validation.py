@@ -70,6 +70,20 @@ def check_lengths(name: str, lengths, batch: int, device: torch.device) -> None:
         raise ValueError(f"{name} is on {lengths.device} but the log-probs are on {device}")
 
 
+def check_rows(name: str, x, labels: torch.Tensor, *, per_token: bool = True, per_row: bool = True) -> None:
+    """A fused loss's per-sequence input: a float tensor shaped like labels [B, T] (per_token) or [B]
+    (per_row), on labels' device. The fused path takes each chunk's rows of it, so a wrong leading
+    size must fail here, before it can fail as an index error or be read as other rows."""
+    require_tensor(name, x)
+    check_float(name, x)
+    shapes = ([tuple(labels.shape)] if per_token else []) + ([tuple(labels.shape[:1])] if per_row else [])
+    if tuple(x.shape) not in shapes:
+        want = " or ".join(("[B, T]=" if len(s) == 2 else "[B]=") + str(s) for s in shapes)
+        raise ValueError(f"{name} must be {want} (labels are {_shape(labels)}), got shape {_shape(x)}")
+    if x.device != labels.device:
+        raise ValueError(f"{name} is on {x.device} but labels are on {labels.device}")
+
+
 def check_choice(name: str, value, valid: Iterable[str]) -> None:
     valid = list(valid)
     if value not in valid:

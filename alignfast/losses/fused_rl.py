@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from alignfast.losses._reductions import LOSS_AGG_MODES, aggregate, masked_mean
-from alignfast.losses._validation import check_choice
+from alignfast.losses._validation import check_choice, check_rows
 from alignfast.losses.fused_base import LinearLossBase, SequenceBatch
 from alignfast.losses.grpo import GRPO_LOSS_TYPES, grpo_loss
 from alignfast.losses.kl import KL_ESTIMATORS
@@ -63,6 +63,8 @@ class LinearPPOLoss(LinearLossBase):
 
     def forward(self, hidden, weight, labels, old_logprobs, advantages, bias=None, *, ref_hidden=None,
                 ref_weight=None, ref_bias=None, ref_logps=None):
+        check_rows("old_logprobs", old_logprobs, labels, per_row=False)
+        check_rows("advantages", advantages, labels)
         full = self.kl_estimator == "full"
         if full:
             self._check_full_reference(ref_hidden, ref_weight, ref_logps)
@@ -147,6 +149,9 @@ class LinearGRPOLoss(LinearLossBase):
 
     def forward(self, hidden, weight, labels, advantages, bias=None, *, old_logprobs=None, ref_hidden=None,
                 ref_weight=None, ref_bias=None, ref_logps=None):
+        check_rows("advantages", advantages, labels)
+        if old_logprobs is not None:
+            check_rows("old_logprobs", old_logprobs, labels, per_row=False)
         has_ref = ref_hidden is not None or ref_weight is not None or ref_logps is not None
         if self.beta and not has_ref:
             raise ValueError(f"beta={self.beta!r} needs the reference: pass ref_hidden + ref_weight or ref_logps")

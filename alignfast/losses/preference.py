@@ -102,7 +102,8 @@ def orpo_loss(chosen_logps_avg: torch.Tensor, rejected_logps_avg: torch.Tensor, 
         l = NLL_c − β·log σ(log_odds)
 
     Args:
-        chosen_logps_avg, rejected_logps_avg: [B] length-averaged log π of the completions (< 0).
+        chosen_logps_avg, rejected_logps_avg: [B] length-averaged log π of the completions (< 0; a 0,
+            an empty completion's, is taken as the largest float below it).
         chosen_nll: the SFT loss on the chosen completions: a 0-dim tensor (TRL: the token mean over
             the batch, prompt included) or [B].
         beta: β > 0 (the paper's λ).
@@ -116,7 +117,10 @@ def orpo_loss(chosen_logps_avg: torch.Tensor, rejected_logps_avg: torch.Tensor, 
     check_floats({"chosen_logps_avg": chosen_logps_avg, "rejected_logps_avg": rejected_logps_avg}, ndim=1)
     _check_nll(chosen_nll, chosen_logps_avg)
     dtype = compute_dtype(chosen_logps_avg, rejected_logps_avg, chosen_nll)
-    chosen, rejected = chosen_logps_avg.to(dtype), rejected_logps_avg.to(dtype)
+    # P = 1 (an average log-prob of 0: an empty completion) has infinite odds: cap it at the largest
+    # P below 1, so an empty completion's pair stays finite (both empty: log_odds = 0); nothing else moves.
+    top = -torch.finfo(dtype).tiny
+    chosen, rejected = chosen_logps_avg.to(dtype).clamp(max=top), rejected_logps_avg.to(dtype).clamp(max=top)
     log_odds = (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))
     ratio = F.logsigmoid(log_odds)
     nll = chosen_nll.to(dtype)

@@ -42,6 +42,8 @@ def check_linear_head(hidden, weight, bias=None, *, prefix: str = "") -> None:
                          f"{hidden.shape[-1]} != {weight.shape[1]}")
     if weight.shape[0] == 0:
         raise ValueError(f"{w} has an empty vocabulary, shape {_shape(weight)}")
+    if weight.shape[1] == 0:
+        raise ValueError(f"{h} {_shape(hidden)} and {w} {_shape(weight)} have no features (H=0)")
     if hidden.dtype != weight.dtype:
         raise ValueError(f"{h} ({hidden.dtype}) and {w} ({weight.dtype}) must have the same dtype")
     if hidden.device != weight.device:

@@ -156,6 +156,26 @@ def test_bad_input():
                                    extra["advantages_tok"], ref_logps=torch.zeros(B))
 
 
+@pytest.mark.parametrize("backend", ["chunked", "reference"])
+def test_per_sequence_inputs_must_match_the_batch(backend):
+    """The fused path takes each chunk's rows of old_logprobs / advantages: a batch size that disagrees with
+    labels' must be an error up front, not an index error or other rows read silently."""
+    policy, _, labels, extra = make_rollout(FP64)
+    h, w = policy["hidden"], policy["weight"]
+    old, adv_tok, adv_seq = extra["old_logprobs"], extra["advantages_tok"], extra["advantages_seq"]
+    ppo, grpo = LinearPPOLoss(backend=backend), LinearGRPOLoss(backend=backend)
+    with pytest.raises(ValueError, match=r"old_logprobs must be \[B, T\]"):
+        ppo(h, w, labels, old[:-1], adv_tok)
+    with pytest.raises(ValueError, match=r"advantages must be \[B, T\]=.* or \[B\]="):
+        ppo(h, w, labels, old, adv_tok[:, :-1])
+    with pytest.raises(ValueError, match=r"advantages must be .*got shape \(%d,\)" % (B + 1)):
+        grpo(h, w, labels, torch.cat([adv_seq, adv_seq[:1]]))
+    with pytest.raises(ValueError, match=r"old_logprobs must be \[B, T\]"):
+        grpo(h, w, labels, adv_seq, old_logprobs=old[:, :-1])
+    with pytest.raises(ValueError, match="advantages must be float"):
+        grpo(h, w, labels, torch.ones(B, dtype=torch.long))
+
+
 def full_kl(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels):
     """Oracle: KL(π‖π_ref) per token over the whole vocabulary, from float64 logits; 0 at ignored positions."""
     logp = F.log_softmax(hidden.double() @ weight.double().t() + bias.double(), -1)

@@ -95,6 +95,21 @@ def test_orpo_matches_float64_reference(nll_shape):
     assert metrics["nll_loss"].item() == pytest.approx(nll.mean().item())
 
 
+def test_orpo_empty_completions_stay_finite():
+    """An empty completion averages to log P = 0 (P = 1, infinite odds): its pair's loss and gradients stay
+    finite, the other pairs' are unchanged."""
+    c, r = make_logps(7, avg=True)
+    nll = torch.tensor(1.3, dtype=torch.float64)
+    base, _ = orpo_loss(c, r, nll, beta=0.1)
+    c0 = c.detach().clone().index_fill_(0, torch.tensor([0, 1]), 0.0).requires_grad_()
+    r0 = r.detach().clone().index_fill_(0, torch.tensor([1]), 0.0).requires_grad_()
+    losses, metrics = orpo_loss(c0, r0, nll, beta=0.1)
+    assert torch.isfinite(losses).all() and all(torch.isfinite(m).all() for m in metrics.values())
+    assert losses[1].item() == pytest.approx(1.3 + 0.1 * math.log(2.0), rel=1e-12)   # both empty: log σ(0)
+    assert_close(losses[2:], base[2:], rtol=1e-15, name="the other pairs")
+    assert all(torch.isfinite(g).all() for g in torch.autograd.grad(losses.sum(), (c0, r0)))
+
+
 def test_orpo_matches_trl():
     # TRL's odds_ratio_loss casts to float32, so both sides run in float32 here.
     ORPOTrainer = import_trl("trl.experimental.orpo", "ORPOTrainer")

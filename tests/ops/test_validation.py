@@ -17,6 +17,8 @@ def args(**over):
 BAD = {
     "mismatched-H": (args(weight=torch.randn(V, H + 1)), ValueError, r"disagree on H"),
     "targets-shape": (args(targets=torch.randint(0, V, (6,))), ValueError, r"targets shape \(6,\)"),
+    "no-features": (args(hidden=torch.randn(5, 0), weight=torch.randn(V, 0)), ValueError, r"no features \(H=0\)"),
+    "empty-vocab": (args(weight=torch.randn(0, H), targets=torch.full((5,), -100)), ValueError, r"empty vocabulary"),
     "weight-not-2d": (args(weight=torch.randn(V, H, 1)), ValueError, r"weight must be 2-D"),
     "hidden-1d": (args(hidden=torch.randn(H)), ValueError, r"hidden must be"),
     "float-targets": (args(targets=torch.rand(5)), ValueError, r"targets must be an integer"),
