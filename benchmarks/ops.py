@@ -133,6 +133,18 @@ def naive_dpo(hidden, weight, targets, ref_hidden, ref_weight, seq_len, beta=0.1
     return -F.logsigmoid(beta * (chosen - rejected)).mean()
 
 
+def naive_kl(hidden, weight, targets, ref_hidden, ref_weight, seq_len):
+    """Per-token KL(π‖π_ref) over the vocabulary from both sides' materialised logits."""
+    logp = (hidden @ weight.t()).float().log_softmax(-1)
+    with torch.no_grad():
+        logq = (ref_hidden @ ref_weight.t()).float().log_softmax(-1)
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def fused_kl(hidden, weight, targets, ref_hidden, ref_weight, seq_len, backend):
+    return alignfast.linear_kl(hidden, weight, ref_hidden, ref_weight, backend=backend)
+
+
 def fused_dpo(hidden, weight, targets, ref_hidden, ref_weight, seq_len, backend, beta=0.1):
     h = hidden.shape[-1]
     loss, _ = alignfast.losses.LinearDPOLoss(beta=beta, backend=backend)(
@@ -247,6 +259,11 @@ OPS: dict[str, OpSpec] = {
         third_party={"liger": third_party.liger_cross_entropy, "trl": third_party.trl_cross_entropy,
                      "cce": third_party.cce_cross_entropy},
     ),
+    # the full-vocabulary KL to a frozen reference (per token, any upstream gradient): the policy's
+    # logits, grad_hidden, grad_weight and the reference's logits (alignfast recomputes both sides
+    # in the backward: 6)
+    "linear_kl": OpSpec(naive=naive_kl, fused=fused_kl, floor_matmuls=4,
+                        make_inputs=partial(sequence_inputs, reference=True)),
     # the same on peaked logits with grad_filter_eps: the two gradient products shrink to the vocab
     # columns that matter (fused impls only; naive and floor are the exact computation)
     "cross_entropy_filtered": OpSpec(naive=naive_cross_entropy, fused=filtered_cross_entropy, floor_matmuls=3,

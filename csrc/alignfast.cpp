@@ -1,13 +1,14 @@
 // alignfast._C: the native kernels' one registration file.
 //
 // Declares the `alignfast` operator schemas and registers the `cpp` backend's CPU kernels
-// (row_kernels_cpu.cpp, gae_cpu.cpp, pg_token_loss_cpu.cpp). On CUDA builds, cuda/bindings.cpp
+// (row_kernels_cpu.cpp, kl_rows_cpu.cpp, gae_cpu.cpp, pg_token_loss_cpu.cpp). On CUDA builds, cuda/bindings.cpp
 // registers the same ops for CUDA. Python wraps each op with a fake (meta) implementation beside
 // its wrapper (alignfast/ops/native_rows.py, alignfast/losses/pg_token.py; gae_scan's in _native.py).
 #include <torch/extension.h>
 #include <torch/library.h>
 
 #include "gae_ops.h"
+#include "kl_ops.h"
 #include "pg_token_loss_ops.h"
 #include "row_ops.h"
 
@@ -31,6 +32,17 @@ void logprob_rows_grad_cpu_op(at::Tensor z, const at::Tensor& targets, const at:
                               std::optional<double> softcap) {
   rows_grad_(z, targets, lse, entropy, g_logprob, g_entropy, g_lse, g_zmean, temperature, softcap,
              c10::DeviceType::CPU, [](const auto& p) { logprob_rows_grad_cpu(p); });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_rows_stats_cpu_op(const at::Tensor& z, const at::Tensor& z_ref,
+                                                                   double temperature, bool reverse) {
+  return kl_stats(z, z_ref, temperature, reverse, c10::DeviceType::CPU, [](const auto& p) { kl_rows_stats_cpu(p); });
+}
+
+void kl_rows_grad_cpu_op(at::Tensor z, const at::Tensor& z_ref, const at::Tensor& lse, const at::Tensor& ref_lse,
+                         const at::Tensor& kl, const at::Tensor& g, double temperature, bool reverse) {
+  kl_grad_(z, z_ref, lse, ref_lse, kl, g, temperature, reverse, c10::DeviceType::CPU,
+           [](const auto& p) { kl_rows_grad_cpu(p); });
 }
 
 std::tuple<at::Tensor, at::Tensor> gae_scan_cpu_op(const at::Tensor& rewards, const at::Tensor& values,
@@ -60,6 +72,12 @@ TORCH_LIBRARY(alignfast, m) {
         "bool with_zmean) -> (Tensor logprob, Tensor entropy, Tensor lse, Tensor zmean)");
   m.def("logprob_rows_grad_(Tensor(a!) z, Tensor targets, Tensor lse, Tensor? entropy, Tensor? g_logprob, "
         "Tensor? g_entropy, Tensor? g_lse, Tensor? g_zmean, float temperature, float? softcap) -> ()");
+  // KL row kernels on a policy / reference pair of raw logits blocks (kl_rows.h): stats leaves both
+  // unchanged; grad_ overwrites z with ∂(Σ g·kl)/∂z.
+  m.def("kl_rows_stats(Tensor z, Tensor z_ref, float temperature, bool reverse) "
+        "-> (Tensor kl, Tensor lse, Tensor ref_lse)");
+  m.def("kl_rows_grad_(Tensor(a!) z, Tensor z_ref, Tensor lse, Tensor ref_lse, Tensor kl, Tensor g, "
+        "float temperature, bool reverse) -> ()");
   // GAE reverse scan over [B, T] rollouts (gae.h): (advantages, returns), 0 where valid is false.
   m.def("gae_scan(Tensor rewards, Tensor values, Tensor valid, float gamma, float lam) "
         "-> (Tensor advantages, Tensor returns)");
@@ -73,6 +91,8 @@ TORCH_LIBRARY(alignfast, m) {
 TORCH_LIBRARY_IMPL(alignfast, CPU, m) {
   m.impl("logprob_rows_stats", &alignfast::logprob_rows_stats_cpu_op);
   m.impl("logprob_rows_grad_", &alignfast::logprob_rows_grad_cpu_op);
+  m.impl("kl_rows_stats", &alignfast::kl_rows_stats_cpu_op);
+  m.impl("kl_rows_grad_", &alignfast::kl_rows_grad_cpu_op);
   m.impl("gae_scan", &alignfast::gae_scan_cpu_op);
   m.impl("pg_token_loss", &alignfast::pg_token_loss_cpu_op);
 }

@@ -19,7 +19,7 @@ from alignfast.losses.grpo import GRPO_LOSS_TYPES, grpo_loss
 from alignfast.losses.kl import KL_ESTIMATORS
 from alignfast.losses.pg_token import PG_TOKEN_BACKENDS
 from alignfast.losses.ppo import ppo_policy_loss
-from alignfast.ops.kl import KL_BACKENDS, linear_kl
+from alignfast.ops.kl import kl_backends, linear_kl
 
 
 class LinearPPOLoss(LinearLossBase):
@@ -115,7 +115,7 @@ class LinearPPOLoss(LinearLossBase):
     def _full_kl(self, hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias):
         """([B, T] KL(π‖π_ref) over the vocabulary, 0 at ignored positions; the [B, T] float mask)."""
         valid = labels != self.ignore_index
-        backend = self.backend if self.backend in KL_BACKENDS else "auto"  # linear_kl has no cpp/cuda kernels
+        backend = self.backend if self.backend in kl_backends() else "auto"
         with torch.set_grad_enabled(torch.is_grad_enabled() and bool(self.kl_coef)):  # metric only: no graph
             kl = linear_kl(hidden, weight, ref_hidden, ref_weight, bias=bias, ref_bias=ref_bias, targets_mask=valid,
                            temperature=self.temperature, backend=backend, chunk_size=self.chunk_size)

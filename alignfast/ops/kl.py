@@ -28,14 +28,18 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from alignfast import dispatch
-from alignfast.ops import validation
+from alignfast.ops import native_rows, validation
 from alignfast.ops.chunked import _GradAccumulator, logits_block
 from alignfast.ops.logprobs import reference_logits
-from alignfast.ops.options import LogitOptions, budget_rows, compute_dtype
+from alignfast.ops.options import LogitOptions, compute_dtype, vocab_block_shape
 
-# `cpp`/`cuda` have no KL row kernels (yet): they are not offered for this op, so `auto` on a CPU
-# with `alignfast._C` picks `chunked`, and an explicit backend="cpp" is a clear RuntimeError.
-KL_BACKENDS = ("reference", "chunked", "triton")
+KL_BACKENDS = ("reference", "chunked", "triton", "cpp", "cuda")
+NATIVE = ("cpp", "cuda")
+
+
+def kl_backends() -> tuple[str, ...]:
+    """The backends this op offers here: `cpp`/`cuda` only with an `alignfast._C` that has the KL kernels."""
+    return KL_BACKENDS if native_rows.kl_available() else tuple(b for b in KL_BACKENDS if b not in NATIVE)
 
 
 @dataclass(frozen=True)
@@ -47,12 +51,14 @@ class KLOptions:
     backend: str = "chunked"
     chunk_size: int | None = None  # tokens per chunk for the chunked path; None: from the byte budget
 
-    def chunk_rows(self, vocab: int, dtype: torch.dtype = torch.float32) -> int:
-        """Tokens per chunk: `chunk_size`, or a third of the byte budget's rows: a chunk holds the
-        policy and the reference [rows, V] blocks, plus one transient block (the forward's logsumexp)."""
+    def block_shape(self, tokens: int, vocab: int, dtype: torch.dtype = torch.float32) -> tuple[int, int]:
+        """(rows, cols) of the [rows, cols] logits blocks: `chunk_size` tokens by the whole vocabulary,
+        or the byte budget shared by the blocks a step holds — the policy's and the reference's, plus,
+        in PyTorch's row math (`chunked`), one transient one (its logsumexp; the native kernels need
+        none) — as all tokens by a vocab slice where that slice is wide enough (`vocab_block_shape`)."""
         if self.chunk_size is not None:
-            return self.chunk_size
-        return budget_rows(vocab, dtype, blocks=3)
+            return self.chunk_size, vocab
+        return vocab_block_shape(tokens, vocab, dtype, blocks=2 if self.backend in NATIVE else 3)
 
 
 class KLStats(NamedTuple):
@@ -78,62 +84,130 @@ def reference_kl(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, opts: K
 
 
 # ---------------------------------------------------------------------------------------------
-# chunked: pure PyTorch, token chunks; two projections per chunk forward, four backward
+# chunked (and cpp / cuda): token chunks, a policy and a reference [rows, V] block each; two
+# projections per chunk forward, four backward. The row math on each pair of blocks is PyTorch's
+# (`TorchKLRows`) or the native kernels' (`NativeKLRows`, csrc/kl_rows.h).
 # ---------------------------------------------------------------------------------------------
 def _tempered_(z: torch.Tensor, temperature: float) -> torch.Tensor:
     return z.div_(temperature) if temperature != 1.0 else z
 
 
-class ChunkedKL:
-    """Forward and backward of the KL over token chunks. Per chunk the forward makes one policy and
-    one reference [rows, V] block; the backward recomputes both (the reference under no_grad), turns
-    them into dZ in place, and pushes dZ into grad_hidden / grad_weight / grad_bias (two matmuls)."""
+class TorchKLRows:
+    """The row math in PyTorch ops; both blocks are overwritten."""
 
     @staticmethod
-    def forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, opts: KLOptions) -> KLStats:
+    def stats(z, z_ref, opts: KLOptions):
+        """(kl, lse, ref_lse) [rows] of raw logits blocks z, z_ref [rows, V]."""
+        x, y = _tempered_(z, opts.temperature), _tempered_(z_ref, opts.temperature)
+        lse, ref_lse = torch.logsumexp(x, dim=1), torch.logsumexp(y, dim=1)
+        logp, logq = x.sub_(lse[:, None]), y.sub_(ref_lse[:, None])
+        # KL = Σ e^{w}(w − o) with (w, o) = (log p, log q), or (log q, log p) for the reverse KL.
+        w, o = (logq, logp) if opts.reverse else (logp, logq)
+        d = o.sub_(w).neg_()  # w − o
+        return w.exp_().mul_(d).sum(dim=1), lse, ref_lse
+
+    @staticmethod
+    def grad_(z, z_ref, lse, ref_lse, kl, g, opts: KLOptions):
+        """∂(Σ g·kl)/∂z [rows, V], in z's memory."""
+        logp = _tempered_(z, opts.temperature).sub_(lse[:, None])
+        logq = _tempered_(z_ref, opts.temperature).sub_(ref_lse[:, None])
+        coef = (g.to(z.dtype) / opts.temperature)[:, None]
+        if opts.reverse:  # ∂L/∂z = g/T · (p − q)
+            return logp.exp_().sub_(logq.exp_()).mul_(coef)
+        r = logq.sub_(logp).neg_().sub_(kl[:, None])  # ∂L/∂z = g/T · p · (log p − log q − KL)
+        return logp.exp_().mul_(r).mul_(coef)
+
+
+class NativeKLRows:
+    """The row math in `alignfast._C`'s KL kernels: one pass over both blocks, one over z for the gradient."""
+
+    @staticmethod
+    def stats(z, z_ref, opts: KLOptions):
+        return native_rows.kl_stats(z, z_ref, opts.temperature, opts.reverse)
+
+    @staticmethod
+    def grad_(z, z_ref, lse, ref_lse, kl, g, opts: KLOptions):
+        return native_rows.kl_grad_(z, z_ref, lse, ref_lse, kl, g, opts.temperature, opts.reverse)
+
+
+class ChunkedKL:
+    """Forward and backward of the KL over [rows, cols] blocks (`KLOptions.block_shape`): all tokens by a
+    vocab slice where it fits, so every product has N as a dimension and each row of grad_weight is
+    written once. Per block, a policy and a reference block (two buffers reused by every block); the
+    forward merges the slices' statistics per row (`_merge_kl_slices`); the backward recomputes both
+    sides (the reference under no_grad), turns them into dZ in place (only per-row scalars needed)
+    and pushes dZ into grad_hidden / grad_weight / grad_bias."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    @staticmethod
+    def _blocks(sl, vs, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, bufs):
+        b, rb = (None if x is None else x[vs] for x in (bias, ref_bias))
+        z = logits_block(hidden[sl], weight[vs], b, out=bufs[0])
+        with torch.no_grad():
+            z_ref = logits_block(ref_hidden[sl], ref_weight[vs], rb, out=bufs[1])
+        return z, z_ref
+
+    @staticmethod
+    def _layout(hidden, weight, opts: KLOptions):
+        """(rows, cols, the two block buffers)."""
         n, cdtype = hidden.shape[0], compute_dtype(hidden.dtype)
-        out = KLStats(*(torch.empty(n, dtype=cdtype, device=hidden.device) for _ in range(3)))
-        step = opts.chunk_rows(weight.shape[0], cdtype)
-        for start in range(0, n, step):
-            sl = slice(start, start + step)
-            x = _tempered_(logits_block(hidden[sl], weight, bias), opts.temperature)
-            with torch.no_grad():
-                y = _tempered_(logits_block(ref_hidden[sl], ref_weight, ref_bias), opts.temperature)
-            lse, ref_lse = torch.logsumexp(x, dim=1), torch.logsumexp(y, dim=1)
-            logp, logq = x.sub_(lse[:, None]), y.sub_(ref_lse[:, None])
-            # KL = Σ e^{w}(w − o) with (w, o) = (log p, log q), or (log q, log p) for the reverse KL.
-            w, o = (logq, logp) if opts.reverse else (logp, logq)
-            d = o.sub_(w).neg_()  # w − o
-            out.kl[sl] = w.exp_().mul_(d).sum(dim=1)
-            out.lse[sl], out.ref_lse[sl] = lse, ref_lse
+        rows, cols = opts.block_shape(n, weight.shape[0], cdtype)
+        size = min(rows, n) * cols
+        return rows, cols, [torch.empty(size, dtype=cdtype, device=hidden.device) for _ in range(2)]
+
+    def forward(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, opts: KLOptions) -> KLStats:
+        n, vocab = hidden.shape[0], weight.shape[0]
+        out = KLStats(*(torch.empty(n, dtype=compute_dtype(hidden.dtype), device=hidden.device) for _ in range(3)))
+        rows, cols, bufs = self._layout(hidden, weight, opts)
+        for start in range(0, n, rows):
+            sl = slice(start, start + rows)
+            parts = []
+            for v0 in range(0, vocab, cols):
+                vs = slice(v0, min(v0 + cols, vocab))
+                z, z_ref = self._blocks(sl, vs, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, bufs)
+                parts.append(self.rows.stats(z, z_ref, opts))
+            out.kl[sl], out.lse[sl], out.ref_lse[sl] = _merge_kl_slices(parts, opts.reverse)
         return out
 
-    @staticmethod
-    def backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, stats: KLStats, grad_kl,
+    def backward(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, stats: KLStats, grad_kl,
                  opts: KLOptions, needs):
         """(grad_hidden | None, grad_weight | None, grad_bias | None) of Σ_n grad_kl[n]·KL[n]."""
-        acc = _GradAccumulator(hidden, weight, bias, needs)
-        step = opts.chunk_rows(weight.shape[0], compute_dtype(hidden.dtype))
-        for start in range(0, hidden.shape[0], step):
-            sl = slice(start, start + step)
-            x = _tempered_(logits_block(hidden[sl], weight, bias), opts.temperature)
-            with torch.no_grad():
-                y = _tempered_(logits_block(ref_hidden[sl], ref_weight, ref_bias), opts.temperature)
-            logp, logq = x.sub_(stats.lse[sl, None]), y.sub_(stats.ref_lse[sl, None])
-            coef = (grad_kl[sl].to(x.dtype) / opts.temperature)[:, None]
-            if opts.reverse:  # ∂L/∂z = g/T · (p − q)
-                dz = logp.exp_().sub_(logq.exp_()).mul_(coef)
-            else:             # ∂L/∂z = g/T · p · (log p − log q − KL)
-                r = logq.sub_(logp).neg_().sub_(stats.kl[sl, None])
-                dz = logp.exp_().mul_(r).mul_(coef)
-            acc.add(sl, dz)
+        n, vocab = hidden.shape[0], weight.shape[0]
+        rows, cols, bufs = self._layout(hidden, weight, opts)
+        acc = _GradAccumulator(hidden, weight, bias, needs, whole_rows=cols >= vocab)
+        for start in range(0, n, rows):
+            sl = slice(start, start + rows)
+            row_args = (stats.lse[sl], stats.ref_lse[sl], stats.kl[sl], grad_kl[sl])
+            for v0 in range(0, vocab, cols):
+                vs = slice(v0, min(v0 + cols, vocab))
+                z, z_ref = self._blocks(sl, vs, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, bufs)
+                acc.add(sl, self.rows.grad_(z, z_ref, *row_args, opts), vs)
         return acc.result()
+
+
+def _merge_kl_slices(parts, reverse: bool):
+    """Whole-row (kl, lse, ref_lse) from each vocab slice b's own (kl_b, lse_b, ref_lse_b), the KL between
+    the slice's renormalised distributions: with w_b = e^{lse_b − lse} and r_b = e^{ref_lse_b − ref_lse}
+    the slices' masses under p and q, KL(p‖q) = Σ_b w_b·(kl_b + log w_b − log r_b), and
+    KL(q‖p) = Σ_b r_b·(kl_b + log r_b − log w_b)."""
+    if len(parts) == 1:
+        return parts[0]
+    kl_b, lse_b, ref_lse_b = (torch.stack(x) for x in zip(*parts))
+    lse, ref_lse = torch.logsumexp(lse_b, dim=0), torch.logsumexp(ref_lse_b, dim=0)
+    log_w, log_r = lse_b - lse, ref_lse_b - ref_lse
+    if reverse:
+        return (log_r.exp() * (kl_b + log_r - log_w)).sum(dim=0), lse, ref_lse
+    return (log_w.exp() * (kl_b + log_w - log_r)).sum(dim=0), lse, ref_lse
 
 
 def implementation(backend: str):
     """The object with forward/backward for a concrete non-reference backend of `linear_kl`."""
     if backend == "chunked":
-        return ChunkedKL
+        return ChunkedKL(TorchKLRows)
+    if backend in NATIVE:
+        return ChunkedKL(NativeKLRows)
     if backend == "triton":
         from alignfast.kernels import kl as triton_kl
 
@@ -204,8 +278,8 @@ def linear_kl(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tens
             no gradient (like `ignore_index`).
         reverse: False for KL(π‖π_ref) = Σ p (log p − log q), True for KL(π_ref‖π) = Σ q (log q − log p).
         temperature: both sides' logits are divided by it. > 0.
-        backend: "auto", "reference", "chunked" or "triton" (`cpp`/`cuda` have no KL kernels;
-            `auto` picks `chunked` on CPU, `triton` on CUDA).
+        backend: "auto", "reference", "chunked", "triton", "cpp" or "cuda" (`auto` picks `cpp` on a
+            CPU with `alignfast._C`, else `chunked`; `triton` on CUDA).
         chunk_size: tokens per chunk for the chunked backend (default: from the byte budget,
             ALIGNFAST_CHUNK_BYTES).
 
@@ -263,5 +337,5 @@ def make_kl_options(hidden, weight, ref_hidden, ref_weight, bias, ref_bias, targ
         raise ValueError(f"reverse must be a bool, got {reverse!r}")
     validation.check_positive("temperature", temperature)
     validation.check_chunk_size(chunk_size)
-    resolved = dispatch.resolve(backend, hidden.device, supported=KL_BACKENDS)
+    resolved = dispatch.resolve(backend, hidden.device, supported=kl_backends())
     return KLOptions(temperature=float(temperature), reverse=reverse, backend=resolved, chunk_size=chunk_size)

@@ -11,6 +11,10 @@ trace through them, the in-place `grad_` being functionalised by torch.
     z       [n, V]  raw logits block, fp32 or fp64, contiguous along V
     targets [n]     target ids in [0, V) (ignored positions already removed)
     lse, entropy, g_* [n] in z's dtype (a 0-d upstream gradient is broadcast to the rows)
+
+`kl_stats` / `kl_grad_` are the same for `linear_kl` on a pair of blocks, the policy's z and the
+reference's z_ref [n, V] (`torch.ops.alignfast.kl_rows_stats` / `kl_rows_grad_`, csrc/kl_rows.h):
+one read of both for (kl, lse, ref_lse), one read-modify-write of z for ∂(Σ g·kl)/∂z.
 """
 from __future__ import annotations
 
@@ -22,11 +26,18 @@ from alignfast.ops.rowwise import RowStats
 
 STATS_OP = "alignfast::logprob_rows_stats"
 GRAD_OP = "alignfast::logprob_rows_grad_"
+KL_STATS_OP = "alignfast::kl_rows_stats"
+KL_GRAD_OP = "alignfast::kl_rows_grad_"
 
 
 def available() -> bool:
     """Whether `alignfast._C` is loaded and defines the row operators."""
     return _native.extension() is not None and hasattr(torch.ops.alignfast, "logprob_rows_stats")
+
+
+def kl_available() -> bool:
+    """Whether `alignfast._C` defines the KL row operators too (an extension built before them does not)."""
+    return available() and hasattr(torch.ops.alignfast, "kl_rows_stats")
 
 
 def _register_fakes() -> None:
@@ -39,6 +50,16 @@ def _register_fakes() -> None:
     @torch.library.register_fake(GRAD_OP)
     def _grad_fake(z, targets, lse, entropy, g_logprob, g_entropy, g_lse, g_zmean, temperature, softcap):
         return None
+
+    if kl_available():
+        @torch.library.register_fake(KL_STATS_OP)
+        def _kl_stats_fake(z, z_ref, temperature, reverse):
+            n = z.shape[0]
+            return z.new_empty(n), z.new_empty(n), z.new_empty(n)
+
+        @torch.library.register_fake(KL_GRAD_OP)
+        def _kl_grad_fake(z, z_ref, lse, ref_lse, kl, g, temperature, reverse):
+            return None
 
 
 _AVAILABLE = available()  # once, at import: the wrappers below are traced by torch.compile
@@ -76,4 +97,19 @@ def grad_(z: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, entropy: to
     torch.ops.alignfast.logprob_rows_grad_(
         z, targets.long(), _rows(lse, z), _rows(entropy, z), _rows(g_logprob, z), _rows(g_entropy, z),
         _rows(g_lse, z), _rows(g_zmean, z), opts.temperature, opts.softcap)
+    return z
+
+
+def kl_stats(z: torch.Tensor, z_ref: torch.Tensor, temperature: float, reverse: bool):
+    """(kl, lse, ref_lse), each [n] in z's dtype, of the raw logits blocks z and z_ref [n, V] (unchanged)."""
+    _require()
+    return torch.ops.alignfast.kl_rows_stats(z, z_ref, temperature, reverse)
+
+
+def kl_grad_(z: torch.Tensor, z_ref: torch.Tensor, lse: torch.Tensor, ref_lse: torch.Tensor, kl: torch.Tensor,
+             g: torch.Tensor, temperature: float, reverse: bool) -> torch.Tensor:
+    """Overwrites the policy's raw logits block z [n, V] with ∂(Σ g·kl)/∂z and returns it."""
+    _require()
+    torch.ops.alignfast.kl_rows_grad_(z, z_ref, _rows(lse, z), _rows(ref_lse, z), _rows(kl, z), _rows(g, z),
+                                      temperature, reverse)
     return z

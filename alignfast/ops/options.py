@@ -54,14 +54,21 @@ class LogitOptions:
         """
         if self.chunk_size is not None:
             return self.chunk_size, vocab
-        budget, itemsize = _budget(), _itemsize(dtype)
-        min_cols = min(vocab, MIN_BLOCK_COLS)
-        cols = budget // (max(tokens, 1) * itemsize)
-        if cols >= vocab:
-            return max(tokens, 1), vocab
-        if cols >= min_cols:
-            return max(tokens, 1), _aligned(cols)
-        return budget_rows(min_cols, dtype), min_cols
+        return vocab_block_shape(tokens, vocab, dtype)
+
+
+def vocab_block_shape(tokens: int, vocab: int, dtype: torch.dtype = torch.float32,
+                      blocks: int = 1) -> tuple[int, int]:
+    """(rows, cols) of `blocks` [rows, cols] blocks within the byte budget (`LogitOptions.block_shape`):
+    all tokens by as many vocab columns as fit, or MIN_BLOCK_COLS columns by as many rows as fit."""
+    budget, itemsize = _budget() // blocks, _itemsize(dtype)
+    min_cols = min(vocab, MIN_BLOCK_COLS)
+    cols = budget // (max(tokens, 1) * itemsize)
+    if cols >= vocab:
+        return max(tokens, 1), vocab
+    if cols >= min_cols:
+        return max(tokens, 1), _aligned(cols)
+    return budget_rows(min_cols, dtype, blocks), min_cols
 
 
 def budget_rows(vocab: int, dtype: torch.dtype = torch.float32, blocks: int = 1) -> int:

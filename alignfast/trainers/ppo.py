@@ -53,7 +53,7 @@ from alignfast.losses.gae import gae
 from alignfast.losses.kl import token_kl
 from alignfast.losses.ppo import ppo_value_loss
 from alignfast.ops import linear_kl, linear_logprobs
-from alignfast.ops.kl import KL_BACKENDS
+from alignfast.ops.kl import kl_backends
 from alignfast.trainers.config import _check_model_path, opt
 from alignfast.trainers.kl_controller import KLController
 from alignfast.trainers.modeling import full_head
@@ -259,7 +259,7 @@ class PPOTrainer(OnlineTrainer):
                     kl = linear_kl(hidden, head.weight, ref_hidden, ref_head.weight, bias=head.bias,
                                    ref_bias=ref_head.bias, targets_mask=targets != IGNORE_INDEX,
                                    temperature=cfg.temperature, chunk_size=cfg.chunk_size,
-                                   backend=cfg.backend if cfg.backend in KL_BACKENDS else "auto")
+                                   backend=cfg.backend if cfg.backend in kl_backends() else "auto")
                 else:
                     kl = token_kl(lp, ref_lp, cfg.kl_estimator)
             out["logps"] += completion_slices(lp, chunk)

@@ -1,4 +1,5 @@
-// Registers the CUDA row kernels (row_kernels.cu), the GAE scan (gae.cu) and the PPO/GRPO token pass
+// Registers the CUDA row kernels (row_kernels.cu), the KL row kernels (kl_rows.cu), the GAE scan (gae.cu)
+// and the PPO/GRPO token pass
 // (pg_token_loss.cu) for the `alignfast` operators declared in
 // ../alignfast.cpp. Compiled only in CUDA builds (setup.py globs csrc/cuda/*.cpp then).
 // The checks are those of the CPU registration (../row_ops.h); the launch runs on torch's
@@ -9,9 +10,11 @@
 #include <torch/library.h>
 
 #include "../gae_ops.h"
+#include "../kl_ops.h"
 #include "../pg_token_loss_ops.h"
 #include "../row_ops.h"
 #include "gae.cuh"
+#include "kl_rows.cuh"
 #include "pg_token_loss.cuh"
 #include "row_kernels.cuh"
 
@@ -40,6 +43,22 @@ void logprob_rows_grad_cuda_op(at::Tensor z, const at::Tensor& targets, const at
              });
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_rows_stats_cuda_op(const at::Tensor& z, const at::Tensor& z_ref,
+                                                                    double temperature, bool reverse) {
+  const c10::cuda::OptionalCUDAGuard guard(z.device());
+  return kl_stats(z, z_ref, temperature, reverse, c10::DeviceType::CUDA, [](const auto& p) {
+    C10_CUDA_CHECK(kl_rows_stats_cuda(p, c10::cuda::getCurrentCUDAStream().stream()));
+  });
+}
+
+void kl_rows_grad_cuda_op(at::Tensor z, const at::Tensor& z_ref, const at::Tensor& lse, const at::Tensor& ref_lse,
+                          const at::Tensor& kl, const at::Tensor& g, double temperature, bool reverse) {
+  const c10::cuda::OptionalCUDAGuard guard(z.device());
+  kl_grad_(z, z_ref, lse, ref_lse, kl, g, temperature, reverse, c10::DeviceType::CUDA, [](const auto& p) {
+    C10_CUDA_CHECK(kl_rows_grad_cuda(p, c10::cuda::getCurrentCUDAStream().stream()));
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> gae_scan_cuda_op(const at::Tensor& rewards, const at::Tensor& values,
                                                     const at::Tensor& valid, double gamma, double lam) {
   const c10::cuda::OptionalCUDAGuard guard(rewards.device());
@@ -66,6 +85,8 @@ PgTokenOutputs pg_token_loss_cuda_op(const at::Tensor& logp, const std::optional
 TORCH_LIBRARY_IMPL(alignfast, CUDA, m) {
   m.impl("logprob_rows_stats", &alignfast::logprob_rows_stats_cuda_op);
   m.impl("logprob_rows_grad_", &alignfast::logprob_rows_grad_cuda_op);
+  m.impl("kl_rows_stats", &alignfast::kl_rows_stats_cuda_op);
+  m.impl("kl_rows_grad_", &alignfast::kl_rows_grad_cuda_op);
   m.impl("gae_scan", &alignfast::gae_scan_cuda_op);
   m.impl("pg_token_loss", &alignfast::pg_token_loss_cuda_op);
 }

@@ -8,39 +8,11 @@
 
 #include <cstdint>
 
+#include "row_common.cuh"
 #include "row_kernels.cuh"
 
 namespace alignfast {
 namespace {
-
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-
-template <typename T>
-struct Pack;
-template <>
-struct Pack<float> {
-  using V = float4;
-  static constexpr int N = 4;
-  __device__ static void get(const V& v, float* x) { x[0] = v.x; x[1] = v.y; x[2] = v.z; x[3] = v.w; }
-  __device__ static V make(const float* x) { return make_float4(x[0], x[1], x[2], x[3]); }
-};
-template <>
-struct Pack<double> {
-  using V = double2;
-  static constexpr int N = 2;
-  __device__ static void get(const V& v, double* x) { x[0] = v.x; x[1] = v.y; }
-  __device__ static V make(const double* x) { return make_double2(x[0], x[1]); }
-};
-
-__device__ __forceinline__ float fast_exp(float x) { return __expf(x); }
-__device__ __forceinline__ double fast_exp(double x) { return exp(x); }
-__device__ __forceinline__ float log_(float x) { return logf(x); }
-__device__ __forceinline__ double log_(double x) { return log(x); }
-__device__ __forceinline__ float tanh_(float x) { return tanhf(x); }
-__device__ __forceinline__ double tanh_(double x) { return tanh(x); }
-template <typename T>
-__device__ __forceinline__ T neg_inf() { return -static_cast<T>(INFINITY); }
 
 // x = softcap·tanh(z/softcap)/T (CAP) or z/T; th = tanh(z/softcap) for the chain rule.
 template <typename T, bool CAP>
@@ -141,19 +113,6 @@ __device__ __forceinline__ Acc<T> block_reduce(Acc<T> acc) {
   }
   return acc;  // complete in thread 0
 }
-
-// Splits a row at z into a scalar head (up to 16-byte alignment), 16-byte packs, a scalar tail.
-template <typename T>
-struct RowSplit {
-  int64_t head, packs, tail_start;
-  __device__ RowSplit(const T* z, int64_t vocab) {
-    constexpr int N = Pack<T>::N;
-    const int64_t mis = (reinterpret_cast<uintptr_t>(z) / sizeof(T)) % N;
-    head = mis ? (N - mis < vocab ? N - mis : vocab) : 0;
-    packs = (vocab - head) / N;
-    tail_start = head + packs * N;
-  }
-};
 
 // stats: z [rows, z_stride] (read only) -> logprob, entropy?, lse, zmean? [rows].
 template <typename T, bool CAP, bool ENT, bool ZM>

@@ -4,9 +4,10 @@ import torch
 from helpers import assert_close, max_err
 
 import alignfast
-from alignfast.ops.kl import KL_BACKENDS, make_kl_options
+from alignfast.ops import native_rows
+from alignfast.ops.kl import kl_backends, make_kl_options
 
-BACKENDS = [b for b in alignfast.backends("cpu") if b in KL_BACKENDS and b != "reference"]
+BACKENDS = [b for b in alignfast.backends("cpu") if b in kl_backends() and b != "reference"]
 
 
 def naive_kl(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, *, mask=None, reverse=False,
@@ -84,6 +85,26 @@ CASES = {
 def split(case):
     spec = dict(CASES[case])
     return spec.pop("opts", {}), spec
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+def test_vocab_slices_merge_exactly(backend, reverse, dtype, monkeypatch):
+    """A budget that fits all 16 tokens by only a slice of the 9000-entry vocabulary: the forward merges the
+    slices' KLs and logsumexps per row, the backward pushes each slice's gradient on its own."""
+    itemsize = 8 if dtype == torch.float64 else 4
+    monkeypatch.setenv("ALIGNFAST_CHUNK_BYTES", str(3 * 16 * 4200 * itemsize))   # 2 (cpp) or 3 (chunked) slices
+    t, mask, upstream = make_case(16, 16, 9000, bias=True, masked=0.2, dtype=dtype, seed=3)
+    rows, cols = make_kl_options(t["hidden"], t["weight"], t["ref_hidden"], t["ref_weight"], None, None, None,
+                                 reverse=reverse, temperature=0.9, backend=backend,
+                                 chunk_size=None).block_shape(16, 9000, dtype)
+    assert rows == 16 and cols < 9000, (rows, cols)
+    exact, exact_grads = naive_run(fp64(t), mask, upstream, reverse=reverse, temperature=0.9)
+    kl, grads = backend_run(backend, t, mask, upstream, chunk_size=None, reverse=reverse, temperature=0.9)
+    rtol = 1e-10 if dtype == torch.float64 else 1e-5
+    for name, a, e in zip(("kl", "grad_hidden", "grad_weight", "grad_bias"), [kl, *grads], [exact, *exact_grads]):
+        assert_close(a, e, rtol=rtol, name=name)
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
@@ -200,10 +221,20 @@ def test_grads_only_where_needed(backend):
                                        backend=backend).requires_grad
 
 
-def test_auto_picks_chunked_on_cpu_even_with_native_kernels(monkeypatch):
+@pytest.mark.skipif(not native_rows.kl_available(), reason="alignfast._C with the KL kernels is not built")
+def test_auto_picks_the_native_kernels_on_cpu():
+    t, mask, _ = make_case(4, 8, 50)
+    opts = make_kl_options(t["hidden"], t["weight"], t["ref_hidden"], t["ref_weight"], None, None, mask,
+                           reverse=False, temperature=1.0, backend="auto", chunk_size=None)
+    assert opts.backend == "cpp"
+
+
+def test_a_native_build_without_kl_kernels_is_not_offered(monkeypatch):
+    """An alignfast._C built before the KL kernels: `auto` takes `chunked`, backend="cpp" says what is there."""
     from alignfast import dispatch
 
     monkeypatch.setattr(dispatch, "_has_native", lambda device_type: True)
+    monkeypatch.setattr(native_rows, "kl_available", lambda: False)
     t, mask, _ = make_case(4, 8, 50)
     opts = make_kl_options(t["hidden"], t["weight"], t["ref_hidden"], t["ref_weight"], None, None, mask,
                            reverse=False, temperature=1.0, backend="auto", chunk_size=None)

@@ -167,7 +167,9 @@ def test_budget_sized_blocks_are_aligned(monkeypatch):
     monkeypatch.delenv("ALIGNFAST_CHUNK_BYTES", raising=False)
     assert LogitOptions().chunk_rows(128256) == 512          # 523 fit the 256 MiB budget
     assert LogitOptions().chunk_rows(128256, torch.float64) == 256   # 261 fit
-    assert KLOptions().chunk_rows(128256) == 160              # 174 fit
+    assert KLOptions(backend="chunked").block_shape(100_000, 128256) == (5456, 4096)   # 5461 rows of 3 fit
+    assert KLOptions(backend="cpp").block_shape(2048, 128256) == (2048, 16384)   # 16384 cols of 2 blocks
+    assert KLOptions(backend="cpp", chunk_size=7).block_shape(2048, 128256) == (7, 128256)
     assert LogitOptions().block_shape(4000, 128256) == (4000, 16768)   # 16777 fit
     assert LogitOptions().block_shape(100_000, 128256) == (16384, 4096)
     assert LogitOptions().block_shape(4000, 4099) == (4000, 4099)   # the whole vocabulary fits

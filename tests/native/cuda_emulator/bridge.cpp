@@ -3,6 +3,7 @@
 #include <cstdint>
 
 #include "gae.cuh"
+#include "kl_rows.cuh"
 #include "pg_token_loss.cuh"
 #include "row_kernels.cuh"
 
@@ -26,6 +27,26 @@ int row_grad(T* z, const int64_t* targets, const T* lse, const T* entropy, const
   p.g_logprob = g_logprob, p.g_entropy = g_entropy, p.g_lse = g_lse, p.g_zmean = g_zmean;
   p.rows = rows, p.vocab = vocab, p.z_stride = z_stride, p.temperature = temperature, p.softcap = softcap;
   return alignfast::logprob_rows_grad_cuda(p, nullptr);
+}
+
+template <typename T>
+int kl_stats(const T* z, const T* z_ref, T* kl, T* lse, T* ref_lse, int64_t rows, int64_t vocab, int64_t z_stride,
+             int64_t ref_stride, double temperature, bool reverse) {
+  alignfast::KLStatsParams<T> p;
+  p.z = z, p.z_ref = z_ref, p.kl = kl, p.lse = lse, p.ref_lse = ref_lse;
+  p.rows = rows, p.vocab = vocab, p.z_stride = z_stride, p.ref_stride = ref_stride;
+  p.temperature = temperature, p.reverse = reverse;
+  return alignfast::kl_rows_stats_cuda(p, nullptr);
+}
+
+template <typename T>
+int kl_grad(T* z, const T* z_ref, const T* lse, const T* ref_lse, const T* kl, const T* g, int64_t rows,
+            int64_t vocab, int64_t z_stride, int64_t ref_stride, double temperature, bool reverse) {
+  alignfast::KLGradParams<T> p;
+  p.z = z, p.z_ref = z_ref, p.lse = lse, p.ref_lse = ref_lse, p.kl = kl, p.g = g;
+  p.rows = rows, p.vocab = vocab, p.z_stride = z_stride, p.ref_stride = ref_stride;
+  p.temperature = temperature, p.reverse = reverse;
+  return alignfast::kl_rows_grad_cuda(p, nullptr);
 }
 
 template <typename T>
@@ -64,6 +85,15 @@ int pg_token(const T* logp, const T* old_logp, const T* ref_logp, const T* advan
                                    const T* g_ent, const T* g_lse, const T* g_zm, int64_t n, int64_t vocab, \
                                    int64_t stride, double temp, double cap) {                             \
     return row_grad(z, t, lse, ent, g_lp, g_ent, g_lse, g_zm, n, vocab, stride, temp, cap);               \
+  }                                                                                                       \
+  extern "C" int kl_stats_##SUFFIX(const T* z, const T* zr, T* kl, T* lse, T* rlse, int64_t n, int64_t vocab,  \
+                                   int64_t stride, int64_t ref_stride, double temp, bool rev) {           \
+    return kl_stats(z, zr, kl, lse, rlse, n, vocab, stride, ref_stride, temp, rev);                       \
+  }                                                                                                       \
+  extern "C" int kl_grad_##SUFFIX(T* z, const T* zr, const T* lse, const T* rlse, const T* kl, const T* g, \
+                                  int64_t n, int64_t vocab, int64_t stride, int64_t ref_stride, double temp, \
+                                  bool rev) {                                                             \
+    return kl_grad(z, zr, lse, rlse, kl, g, n, vocab, stride, ref_stride, temp, rev);                     \
   }                                                                                                       \
   extern "C" int gae_##SUFFIX(const T* r, const T* v, const bool* valid, T* adv, T* ret, int64_t rows,   \
                               int64_t steps, double gamma, double lam) {                                  \

@@ -1,0 +1,100 @@
+// Boundary of the KL row kernels (kl_rows.h): checks the tensors of one call (TORCH_CHECK, messages
+// naming the argument), allocates outputs, fills the parameter structs and hands them to a device's
+// launcher. Shared by the CPU registration (alignfast.cpp) and the CUDA one (cuda/bindings.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+#include "kl_rows.h"
+
+namespace alignfast {
+
+inline void check_kl_blocks(const at::Tensor& z, const at::Tensor& z_ref, double temperature,
+                            c10::DeviceType device_type) {
+  TORCH_CHECK(z.device().type() == device_type, "z must be a ", device_type, " tensor, got ", z.device());
+  TORCH_CHECK(z.dim() == 2, "z must be a 2-D [rows, V] logits block, got shape ", z.sizes());
+  TORCH_CHECK(z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble,
+              "z must be float32 or float64 (the accumulation dtype), got ", z.scalar_type());
+  TORCH_CHECK(z.size(1) > 0, "z must have at least one column (vocab entry), got shape ", z.sizes());
+  TORCH_CHECK(z.size(1) == 1 || z.stride(1) == 1, "z must be contiguous along V (stride(1) == 1), got strides ",
+              z.strides());
+  TORCH_CHECK(z_ref.sizes() == z.sizes(), "z_ref must have z's shape ", z.sizes(), ", got ", z_ref.sizes());
+  TORCH_CHECK(z_ref.scalar_type() == z.scalar_type(), "z_ref must have z's dtype ", z.scalar_type(), ", got ",
+              z_ref.scalar_type());
+  TORCH_CHECK(z_ref.device() == z.device(), "z_ref must be on ", z.device(), " (the device of z), got ",
+              z_ref.device());
+  TORCH_CHECK(z_ref.size(1) == 1 || z_ref.stride(1) == 1,
+              "z_ref must be contiguous along V (stride(1) == 1), got strides ", z_ref.strides());
+  TORCH_CHECK(temperature > 0, "temperature must be > 0, got ", temperature);
+}
+
+inline at::Tensor checked_kl_row_vector(const at::Tensor& t, const char* name, const at::Tensor& z) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == z.size(0), name, " must be 1-D with one entry per row of z ([",
+              z.size(0), "]), got shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == z.scalar_type(), name, " must have z's dtype ", z.scalar_type(), ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.device() == z.device(), name, " must be on ", z.device(), " (the device of z), got ", t.device());
+  return t.contiguous();
+}
+
+// stats: (kl, lse, ref_lse), each [rows] in z's dtype. `launch` gets a KLStatsParams<float|double>.
+template <typename Launch>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_stats(const at::Tensor& z, const at::Tensor& z_ref,
+                                                       double temperature, bool reverse,
+                                                       c10::DeviceType device_type, Launch&& launch) {
+  check_kl_blocks(z, z_ref, temperature, device_type);
+  const int64_t rows = z.size(0);
+  at::Tensor kl = at::empty({rows}, z.options()), lse = at::empty({rows}, z.options());
+  at::Tensor ref_lse = at::empty({rows}, z.options());
+  if (rows > 0) {
+    AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "kl_rows_stats", [&] {
+      KLStatsParams<scalar_t> p;
+      p.z = z.data_ptr<scalar_t>();
+      p.z_ref = z_ref.data_ptr<scalar_t>();
+      p.kl = kl.data_ptr<scalar_t>();
+      p.lse = lse.data_ptr<scalar_t>();
+      p.ref_lse = ref_lse.data_ptr<scalar_t>();
+      p.rows = rows;
+      p.vocab = z.size(1);
+      p.z_stride = z.stride(0);
+      p.ref_stride = z_ref.stride(0);
+      p.temperature = temperature;
+      p.reverse = reverse;
+      launch(p);
+    });
+  }
+  return {kl, lse, ref_lse};
+}
+
+// grad: overwrites z with ∂L/∂z of Σ_rows g·kl. `launch` gets a KLGradParams<float|double>.
+template <typename Launch>
+void kl_grad_(at::Tensor& z, const at::Tensor& z_ref, const at::Tensor& lse_in, const at::Tensor& ref_lse_in,
+              const at::Tensor& kl_in, const at::Tensor& g_in, double temperature, bool reverse,
+              c10::DeviceType device_type, Launch&& launch) {
+  check_kl_blocks(z, z_ref, temperature, device_type);
+  const at::Tensor lse = checked_kl_row_vector(lse_in, "lse", z);
+  const at::Tensor ref_lse = checked_kl_row_vector(ref_lse_in, "ref_lse", z);
+  const at::Tensor kl = checked_kl_row_vector(kl_in, "kl", z);
+  const at::Tensor g = checked_kl_row_vector(g_in, "g", z);
+  if (z.size(0) == 0) return;
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "kl_rows_grad_", [&] {
+    KLGradParams<scalar_t> p;
+    p.z = z.data_ptr<scalar_t>();
+    p.z_ref = z_ref.data_ptr<scalar_t>();
+    p.lse = lse.data_ptr<scalar_t>();
+    p.ref_lse = ref_lse.data_ptr<scalar_t>();
+    p.kl = kl.data_ptr<scalar_t>();
+    p.g = g.data_ptr<scalar_t>();
+    p.rows = z.size(0);
+    p.vocab = z.size(1);
+    p.z_stride = z.stride(0);
+    p.ref_stride = z_ref.stride(0);
+    p.temperature = temperature;
+    p.reverse = reverse;
+    launch(p);
+  });
+}
+
+}  // namespace alignfast
