@@ -65,12 +65,13 @@ export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 timeout "$(cap 240)" "$PY" setup.py -q build_ext --inplace || STATUS=1
 "$PY" -c 'import alignfast; print("backends:", alignfast.backends())' || STATUS=1
 
-# The tests that exercise the GPU first (the kernels, the ops and the losses on DEVICE=cuda), in
+# The tests that exercise the GPU first (tests/gpu: every backend on CUDA tensors; the Triton kernels;
+# then the ops and losses, on CPU tensors but on the same machine's build), in
 # parallel where pytest-xdist is there; the rest (data, trainers, integrations: mostly CPU, run by CI
 # anyway) only with the time left before the benchmarks' share.
 XDIST=()
 "$PY" -c 'import xdist' 2>/dev/null && XDIST=(-n "${GPU_CHECK_WORKERS:-8}")
-GPU_TESTS=(tests/kernels tests/ops tests/losses tests/native)
+GPU_TESTS=(tests/gpu tests/kernels tests/ops tests/losses tests/native)
 step "tests on CUDA: ${GPU_TESTS[*]} (log: $RESULTS/tests_gpu.log)"
 GPU_TESTS_S=$(( $(left) - BENCH_S > 60 ? $(left) - BENCH_S : 60 ))
 timeout "$(cap "$GPU_TESTS_S")" "$PY" -m pytest "${GPU_TESTS[@]}" -q -p no:cacheprovider "${XDIST[@]}" \
