@@ -68,7 +68,7 @@ def model_grid(ops, impls, models, tokens, dtypes, device, scale: int = 1, once=
 
 
 # the ops the cpu and gpu suites were sized with; the other fused losses have their own suite, cpu-losses
-HEAD_OPS = ("linear_logprobs", "linear_cross_entropy", "cross_entropy_filtered", "dpo")
+HEAD_OPS = ("linear_logprobs", "linear_cross_entropy", "cross_entropy_filtered", "dpo", "linear_kl")
 LOSS_OPS = ("dpo", "kto", "ppo", "grpo", "simpo", "orpo", "cpo")
 CPU_IMPLS = ("naive", "floor", "chunked", "cpp", "torch_compile", "liger", "trl")
 # cpp (alignfast's native CPU backend) is left to the `cpu` suite, to fit the 20 minutes; liger and
