@@ -141,8 +141,12 @@ def naive_kl(hidden, weight, targets, ref_hidden, ref_weight, seq_len):
     return (logp.exp() * (logp - logq)).sum(-1)
 
 
-def fused_kl(hidden, weight, targets, ref_hidden, ref_weight, seq_len, backend):
-    return alignfast.linear_kl(hidden, weight, ref_hidden, ref_weight, backend=backend)
+def fused_kl(hidden, weight, targets, ref_hidden, ref_weight, seq_len, backend, reduction="none"):
+    return alignfast.linear_kl(hidden, weight, ref_hidden, ref_weight, backend=backend, reduction=reduction)
+
+
+def naive_kl_mean(*args, **kwargs):
+    return naive_kl(*args, **kwargs).mean()
 
 
 def fused_dpo(hidden, weight, targets, ref_hidden, ref_weight, seq_len, backend, beta=0.1):
@@ -264,6 +268,9 @@ OPS: dict[str, OpSpec] = {
     # in the backward: 6)
     "linear_kl": OpSpec(naive=naive_kl, fused=fused_kl, floor_matmuls=4,
                         make_inputs=partial(sequence_inputs, reference=True)),
+    # its mean: every token's upstream gradient is known in the forward (the native backends: 4)
+    "linear_kl_mean": OpSpec(naive=naive_kl_mean, fused=partial(fused_kl, reduction="mean"), floor_matmuls=4,
+                             make_inputs=partial(sequence_inputs, reference=True)),
     # the same on peaked logits with grad_filter_eps: the two gradient products shrink to the vocab
     # columns that matter (fused impls only; naive and floor are the exact computation)
     "cross_entropy_filtered": OpSpec(naive=naive_cross_entropy, fused=filtered_cross_entropy, floor_matmuls=3,

@@ -311,3 +311,50 @@ def test_triton_offsets_past_2_31_elements():
     assert_close(stats.kl, want, rtol=1e-5, name="kl")
     for name, a, e in zip(("grad_hidden", "grad_weight"), grads, want_grads):
         assert_close(a, e, rtol=1e-5, name=name)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+def test_reduced_matches_float64(backend, reverse, reduction):
+    """reduction="mean"/"sum" over the masked-in positions; the native backends form the gradient in
+    the forward (token chunks of 8 rows here), the others reduce the per-token KL."""
+    t, mask, _ = make_case(29, 33, 1037, h_ref=20, bias=True, masked=0.3, seed=4)
+    t64 = fp64(t)
+    leaves64 = {k: t64[k].detach().requires_grad_() for k in ("hidden", "weight", "bias")}
+    per_token = naive_kl(**{**t64, **leaves64}, mask=mask, reverse=reverse, temperature=0.8)
+    exact = per_token.sum() / (int(mask.sum()) if reduction == "mean" else 1)
+    exact_grads = torch.autograd.grad(exact, list(leaves64.values()))
+    leaves = {k: t[k].detach().requires_grad_() for k in ("hidden", "weight", "bias")}
+    a = {**t, **leaves}
+    loss = alignfast.linear_kl(a["hidden"], a["weight"], a["ref_hidden"], a["ref_weight"], bias=a["bias"],
+                               ref_bias=a["ref_bias"], targets_mask=mask, reverse=reverse, temperature=0.8,
+                               backend=backend, chunk_size=8, reduction=reduction)
+    assert loss.shape == () and loss.dtype == torch.float32
+    assert_close(loss, exact, rtol=1e-5, name="loss")
+    for name, g, e in zip(("grad_hidden", "grad_weight", "grad_bias"),
+                          torch.autograd.grad(loss * 1.7, list(leaves.values())), exact_grads):
+        assert_close(g, 1.7 * e, rtol=1e-5, name=name)
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="alignfast._C with the KL kernels is not built")
+def test_reduced_native_forms_the_gradient_in_the_forward(monkeypatch):
+    """4 vocab projections (policy and reference logits, grad_hidden, grad_weight) per chunk, not 6."""
+    t, _, _ = make_case(24, 16, 300, seed=5)
+    counts = {"mm": 0}
+
+    def counting(real):
+        def product(*args, **kwargs):
+            counts["mm"] += 1
+            return real(*args, **kwargs)
+        return product
+
+    monkeypatch.setattr(torch, "mm", counting(torch.mm))
+    monkeypatch.setattr(torch.Tensor, "addmm_", counting(torch.Tensor.addmm_))
+    leaves = [t["hidden"].detach().requires_grad_(), t["weight"].detach().requires_grad_()]
+    loss = alignfast.linear_kl(leaves[0], leaves[1], t["ref_hidden"], t["ref_weight"], backend="cpp",
+                               chunk_size=8, reduction="mean")
+    forward_products = counts["mm"]
+    loss.backward()
+    assert counts["mm"] == forward_products, "the backward only scales the saved gradients"
+    assert forward_products == 3 * 4, forward_products   # 3 chunks × (logits, ref logits, dh, dW)
