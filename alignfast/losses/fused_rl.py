@@ -19,7 +19,7 @@ from alignfast.losses.grpo import GRPO_LOSS_TYPES, grpo_loss
 from alignfast.losses.kl import KL_ESTIMATORS
 from alignfast.losses.pg_token import PG_TOKEN_BACKENDS
 from alignfast.losses.ppo import ppo_policy_loss
-from alignfast.ops.kl import kl_backends, linear_kl
+from alignfast.ops.kl import kl_backends, make_kl_options, weighted_kl_sum
 
 
 class LinearPPOLoss(LinearLossBase):
@@ -97,9 +97,9 @@ class LinearPPOLoss(LinearLossBase):
         loss, metrics = self._loss(formula, hidden, weight, bias, labels, ref_per_token=True,
                                    with_entropy=self.log_entropy or bool(self.entropy_coef), **refs)
         if full and ref_hidden is not None:
-            kl, mask = self._full_kl(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias)
+            penalty, kl, mask = self._full_kl(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias)
             if self.kl_coef:
-                loss = loss + self.kl_coef * aggregate(kl, mask, self.loss_agg)
+                loss = loss + penalty
             metrics["kl"] = masked_mean(kl, mask).detach()
         return loss, metrics
 
@@ -113,13 +113,22 @@ class LinearPPOLoss(LinearLossBase):
                              f"ref_weight={'a tensor' if ref_weight is not None else None})")
 
     def _full_kl(self, hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias):
-        """([B, T] KL(π‖π_ref) over the vocabulary, 0 at ignored positions; the [B, T] float mask)."""
+        """(kl_coef·aggregate(KL) — the penalty, differentiable —, the [B, T] KL(π‖π_ref) over the vocabulary,
+        0 at ignored positions, and the [B, T] float mask). The aggregate is linear in the KL, so its
+        per-token weights are known up front: the native backends form the gradient in the forward."""
         valid = labels != self.ignore_index
         backend = self.backend if self.backend in kl_backends() else "auto"
+        opts = make_kl_options(hidden, weight, ref_hidden, ref_weight, bias, ref_bias, valid, reverse=False,
+                               temperature=self.temperature, backend=backend, chunk_size=self.chunk_size)
+        mask = valid.to(torch.float64)
+        probe = torch.zeros(labels.shape, dtype=torch.float64, device=labels.device, requires_grad=True)
+        with torch.enable_grad():   # ∂aggregate/∂KL: the weight of each token's KL in the loss
+            (weights,) = torch.autograd.grad(aggregate(probe, mask, self.loss_agg), probe)
         with torch.set_grad_enabled(torch.is_grad_enabled() and bool(self.kl_coef)):  # metric only: no graph
-            kl = linear_kl(hidden, weight, ref_hidden, ref_weight, bias=bias, ref_bias=ref_bias, targets_mask=valid,
-                           temperature=self.temperature, backend=backend, chunk_size=self.chunk_size)
-        return kl, valid.to(kl.dtype)
+            penalty, kl = weighted_kl_sum(hidden.reshape(-1, hidden.shape[-1]), weight, bias,
+                                          ref_hidden.reshape(-1, ref_hidden.shape[-1]), ref_weight, ref_bias,
+                                          valid.reshape(-1), opts, (self.kl_coef * weights).reshape(-1))
+        return penalty, kl.view(labels.shape), valid.to(kl.dtype)
 
 
 class LinearGRPOLoss(LinearLossBase):

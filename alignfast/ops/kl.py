@@ -189,8 +189,8 @@ class ChunkedKL:
         return acc.result()
 
     def forward_backward(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, opts: KLOptions,
-                         token_weight: float, needs):
-        """(kl [N], grads of Σ_n token_weight·KL[n]) in one sweep, the upstream gradient being known:
+                         token_weights, needs):
+        """(kl [N], grads of Σ_n w_n·KL[n]) in one sweep, the weights w (a float, or [N]) being known:
         token chunks of whole rows (a row's KL enters its own gradient), each chunk's gradient pushed at
         once: 4 vocab projections instead of 6. The native row kernels only (their stats leave the
         blocks intact for the gradient pass)."""
@@ -204,7 +204,8 @@ class ChunkedKL:
             z, z_ref = self._blocks(sl, everything, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, bufs)
             kl_rows, lse, ref_lse = self.rows.stats(z, z_ref, opts)
             kl[sl] = kl_rows
-            g = torch.full_like(kl_rows, token_weight)
+            g = (token_weights[sl].to(kl_rows.dtype) if torch.is_tensor(token_weights)
+                 else torch.full_like(kl_rows, token_weights))
             acc.add(sl, self.rows.grad_(z, z_ref, lse, ref_lse, kl_rows, g, opts))
         return kl, acc.result()
 
@@ -264,17 +265,45 @@ class LinearKLFunction(torch.autograd.Function):
         return gh, gw, gb, None, None, None, None
 
 
-class FusedReducedKLFunction(GradientInForward):
-    """Σ_n token_weight·KL[n] (a mean or a sum) with its gradient formed in the forward (native backends)
-    and scaled in the backward."""
+class FusedWeightedKLFunction(GradientInForward):
+    """Σ_n w_n·KL[n] (w a float, or [N] per-row weights) with its gradient formed in the forward (native
+    backends) and scaled in the backward; the per-row KL, a by-product, goes to `side["kl"]`."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, opts: KLOptions, token_weight: float):
-        ctx.num_inputs = 8
+    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, opts: KLOptions, token_weights,
+                side: dict):
+        ctx.num_inputs = 9
         kl, grads = implementation(opts.backend).forward_backward(
-            hidden, weight, bias, ref_hidden, ref_weight, ref_bias, opts, token_weight, ctx.needs_input_grad[:3])
+            hidden, weight, bias, ref_hidden, ref_weight, ref_bias, opts, token_weights, ctx.needs_input_grad[:3])
         GradientInForward.save_gradients(ctx, grads)
-        return kl.sum() * token_weight
+        side["kl"] = kl
+        return (kl * token_weights.to(kl.dtype)).sum() if torch.is_tensor(token_weights) else kl.sum() * token_weights
+
+
+def weighted_kl_sum(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets_mask, opts: KLOptions,
+                    token_weights):
+    """(Σ_n w_n·KL[n] over the rows targets_mask keeps, the per-row KL [N] detached (0 where masked)) for
+    flat hidden [N, H], ref_hidden [N, H_ref] and validated options; w a float or [N]. When a gradient
+    is wanted and the backend is native, the gradient is formed in the forward (4 vocab projections,
+    not 6). For validated input; shared with the losses (PPO's full-vocabulary KL penalty)."""
+    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if not (wants_grad and opts.backend in NATIVE):
+        kl = kl_per_token(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets_mask, opts)
+        w = token_weights.to(kl.dtype) if torch.is_tensor(token_weights) else token_weights
+        return (kl * w).sum(), kl.detach()
+    if targets_mask is not None:   # masked rows cost no vocab projection
+        idx = targets_mask.nonzero().squeeze(1)
+        hidden, ref_hidden = hidden.index_select(0, idx), ref_hidden.index_select(0, idx)
+        if torch.is_tensor(token_weights):
+            token_weights = token_weights.index_select(0, idx)
+    side: dict = {}
+    total = FusedWeightedKLFunction.apply(hidden, weight, bias, ref_hidden.detach(), ref_weight.detach(),
+                                          None if ref_bias is None else ref_bias.detach(), opts,
+                                          token_weights, side)
+    kl = side["kl"]
+    if targets_mask is not None:
+        kl = kl.new_zeros(targets_mask.shape[0]).index_copy(0, idx, kl)
+    return total, kl
 
 
 def kl_per_token(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets_mask, opts: KLOptions):
@@ -346,15 +375,7 @@ def linear_kl(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tens
         return kl_per_token(flat_h, weight, bias, flat_ref, ref_weight, ref_bias, mask, opts).view(hidden.shape[:-1])
     count = flat_h.shape[0] if mask is None else int(mask.sum())
     token_weight = 1.0 / max(count, 1) if reduction == "mean" else 1.0
-    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    if wants_grad and opts.backend in NATIVE:
-        if mask is not None:   # masked positions cost no vocab projection
-            idx = mask.nonzero().squeeze(1)
-            flat_h, flat_ref = flat_h.index_select(0, idx), flat_ref.index_select(0, idx)
-        return FusedReducedKLFunction.apply(flat_h, weight, bias, flat_ref.detach(), ref_weight.detach(),
-                                            None if ref_bias is None else ref_bias.detach(), opts, token_weight)
-    kl = kl_per_token(flat_h, weight, bias, flat_ref, ref_weight, ref_bias, mask, opts)
-    return kl.sum() * token_weight
+    return weighted_kl_sum(flat_h, weight, bias, flat_ref, ref_weight, ref_bias, mask, opts, token_weight)[0]
 
 
 def make_kl_options(hidden, weight, ref_hidden, ref_weight, bias, ref_bias, targets_mask, *, reverse,

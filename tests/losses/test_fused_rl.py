@@ -185,7 +185,8 @@ def full_kl(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels):
 
 FULL_SETTINGS = [("token-mean", FP64, "chunked", 0.5), ("seq-mean-token-sum", FP64, "chunked", 0.2),
                  ("seq-mean-token-mean", FP64, "cpp", 0.3), ("token-mean", FP32, "chunked", 0.5),
-                 ("token-mean", FP64, "chunked", 0.0)]
+                 ("token-mean", FP64, "chunked", 0.0), ("token-mean", FP64, "cpp", 0.5),
+                 ("seq-mean-token-sum", FP32, "cpp", 0.2)]
 
 
 @pytest.mark.parametrize("agg,dtype,backend,kl_coef", FULL_SETTINGS,
