@@ -8,16 +8,13 @@
 #include <tuple>
 
 #include "kl_rows.h"
+#include "row_ops.h"  // check_logits, checked_row_vector
 
 namespace alignfast {
 
 inline void check_kl_blocks(const at::Tensor& z, const at::Tensor& z_ref, double temperature,
                             c10::DeviceType device_type) {
-  TORCH_CHECK(z.device().type() == device_type, "z must be a ", device_type, " tensor, got ", z.device());
-  TORCH_CHECK(z.dim() == 2, "z must be a 2-D [rows, V] logits block, got shape ", z.sizes());
-  TORCH_CHECK(z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble,
-              "z must be float32 or float64 (the accumulation dtype), got ", z.scalar_type());
-  TORCH_CHECK(z.size(1) > 0, "z must have at least one column (vocab entry), got shape ", z.sizes());
+  check_logits(z, device_type);
   TORCH_CHECK(z.size(1) == 1 || z.stride(1) == 1, "z must be contiguous along V (stride(1) == 1), got strides ",
               z.strides());
   TORCH_CHECK(z_ref.sizes() == z.sizes(), "z_ref must have z's shape ", z.sizes(), ", got ", z_ref.sizes());
@@ -28,15 +25,6 @@ inline void check_kl_blocks(const at::Tensor& z, const at::Tensor& z_ref, double
   TORCH_CHECK(z_ref.size(1) == 1 || z_ref.stride(1) == 1,
               "z_ref must be contiguous along V (stride(1) == 1), got strides ", z_ref.strides());
   TORCH_CHECK(temperature > 0, "temperature must be > 0, got ", temperature);
-}
-
-inline at::Tensor checked_kl_row_vector(const at::Tensor& t, const char* name, const at::Tensor& z) {
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == z.size(0), name, " must be 1-D with one entry per row of z ([",
-              z.size(0), "]), got shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == z.scalar_type(), name, " must have z's dtype ", z.scalar_type(), ", got ",
-              t.scalar_type());
-  TORCH_CHECK(t.device() == z.device(), name, " must be on ", z.device(), " (the device of z), got ", t.device());
-  return t.contiguous();
 }
 
 // stats: (kl, lse, ref_lse), each [rows] in z's dtype. `launch` gets a KLStatsParams<float|double>.
@@ -74,10 +62,10 @@ void kl_grad_(at::Tensor& z, const at::Tensor& z_ref, const at::Tensor& lse_in, 
               const at::Tensor& kl_in, const at::Tensor& g_in, double temperature, bool reverse,
               c10::DeviceType device_type, Launch&& launch) {
   check_kl_blocks(z, z_ref, temperature, device_type);
-  const at::Tensor lse = checked_kl_row_vector(lse_in, "lse", z);
-  const at::Tensor ref_lse = checked_kl_row_vector(ref_lse_in, "ref_lse", z);
-  const at::Tensor kl = checked_kl_row_vector(kl_in, "kl", z);
-  const at::Tensor g = checked_kl_row_vector(g_in, "g", z);
+  const at::Tensor lse = *checked_row_vector(lse_in, "lse", z);
+  const at::Tensor ref_lse = *checked_row_vector(ref_lse_in, "ref_lse", z);
+  const at::Tensor kl = *checked_row_vector(kl_in, "kl", z);
+  const at::Tensor g = *checked_row_vector(g_in, "g", z);
   if (z.size(0) == 0) return;
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "kl_rows_grad_", [&] {
     KLGradParams<scalar_t> p;

@@ -32,13 +32,18 @@ void set_layout(P& p, const at::Tensor& z) {
   p.vocab_stride = vm ? z.stride(1) : 1;
 }
 
-inline void check_block(const at::Tensor& z, const at::Tensor& targets, double temperature,
-                        std::optional<double> softcap, c10::DeviceType device_type) {
+// z is a 2-D [rows, V ≥ 1] float32/float64 logits block on the device type (any layout).
+inline void check_logits(const at::Tensor& z, c10::DeviceType device_type) {
   TORCH_CHECK(z.device().type() == device_type, "z must be a ", device_type, " tensor, got ", z.device());
   TORCH_CHECK(z.dim() == 2, "z must be a 2-D [rows, V] logits block, got shape ", z.sizes());
   TORCH_CHECK(z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble,
               "z must be float32 or float64 (the accumulation dtype), got ", z.scalar_type());
   TORCH_CHECK(z.size(1) > 0, "z must have at least one column (vocab entry), got shape ", z.sizes());
+}
+
+inline void check_block(const at::Tensor& z, const at::Tensor& targets, double temperature,
+                        std::optional<double> softcap, c10::DeviceType device_type) {
+  check_logits(z, device_type);
   if (device_type == c10::DeviceType::CPU) {
     TORCH_CHECK(!vocab_major(z) || z.stride(0) == 1 || z.size(0) == 1,
                 "z must be contiguous along V (stride(1) == 1) or along the rows (stride(0) == 1, the "
