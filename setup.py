@@ -18,7 +18,7 @@ import shutil
 import warnings
 
 from setuptools import find_packages, setup
-from setuptools.command.build_ext import build_ext
+
 
 def _truthy(name):
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")

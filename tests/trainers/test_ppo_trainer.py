@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from alignfast.data.collators import encode_rows
 from alignfast.trainers.config import load_config
 from alignfast.trainers.kl_controller import KLController
 from alignfast.trainers.ppo import PPOConfig, PPOTrainer
