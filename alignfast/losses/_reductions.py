@@ -1,7 +1,7 @@
 """Masked reductions of per-token losses [B, T], shared by PPO and GRPO.
 
 All-masked inputs never divide by zero: every count is clamped at 1, so an all-masked
-sequence (or batch) contributes 0 instead of NaN.
+sequence (or batch), or an empty batch, contributes 0 instead of NaN.
 """
 from __future__ import annotations
 
@@ -14,6 +14,11 @@ LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Σ x·m / max(Σ m, 1) over every element (a 0-dim tensor)."""
     return (x * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def batch_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over the leading (batch) dimension's entries; 0 for an empty batch."""
+    return x.sum() / max(x.numel(), 1)
 
 
 def masked_row_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -33,7 +38,7 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.T
     if mode == "token-mean":
         return masked_mean(per_token, mask)
     if mode == "seq-mean-token-sum":
-        return (per_token * mask).sum(-1).mean()
+        return batch_mean((per_token * mask).sum(-1))
     if mode == "seq-mean-token-mean":
-        return masked_row_mean(per_token, mask).mean()
+        return batch_mean(masked_row_mean(per_token, mask))
     raise ValueError(f"loss_agg={mode!r} is unknown; valid values are {list(LOSS_AGG_MODES)}")

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from alignfast.ops.validation import check_float, require_tensor
+from alignfast.ops.validation import check_float, check_positive, is_real, require_tensor  # noqa: F401 (re-exported)
 
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
@@ -49,7 +49,7 @@ def check_floats(tensors: Mapping[str, torch.Tensor | None], *, ndim: int | Iter
 
 
 def check_mask(mask, like: torch.Tensor, *, like_name: str, name: str = "mask") -> None:
-    """mask is a bool/integer/float tensor of `like`'s shape on its device."""
+    """mask is a bool/integer/float tensor of `like`'s shape on its device, with finite entries >= 0."""
     require_tensor(name, mask)
     if mask.dtype.is_complex:
         raise ValueError(f"{name} must be bool, integer or float, got {mask.dtype}")
@@ -57,6 +57,19 @@ def check_mask(mask, like: torch.Tensor, *, like_name: str, name: str = "mask") 
         raise ValueError(f"{name} {_shape(mask)} does not match {like_name} {_shape(like)}")
     if mask.device != like.device:
         raise ValueError(f"{name} is on {mask.device} but {like_name} is on {like.device}")
+    if mask.dtype != torch.bool and bool(((mask < 0) | ~torch.isfinite(mask)).any()):
+        raise ValueError(f"{name} must hold weights >= 0 (1 for a counted token, 0 for a skipped one); it holds "
+                         f"negative or non-finite entries")
+
+
+def check_binary(name: str, labels) -> None:
+    """labels is a bool tensor, or an integer one holding only 0 and 1 (a float 0.2 is not a label)."""
+    require_tensor(name, labels)
+    if labels.dtype != torch.bool and (labels.dtype.is_floating_point or labels.dtype.is_complex
+                                       or bool(((labels != 0) & (labels != 1)).any())):
+        raise ValueError(f"{name} must be bool (or 0/1 integers), got {labels.dtype}"
+                         + ("" if labels.dtype.is_floating_point or labels.dtype.is_complex
+                            else f" holding {sorted(set(labels.unique().tolist()) - {0, 1})[:3]}"))
 
 
 def check_lengths(name: str, lengths, batch: int, device: torch.device) -> None:
@@ -74,6 +87,7 @@ def check_rows(name: str, x, labels: torch.Tensor, *, per_token: bool = True, pe
     """A fused loss's per-sequence input: a float tensor shaped like labels [B, T] (per_token) or [B]
     (per_row), on labels' device. The fused path takes each chunk's rows of it, so a wrong leading
     size must fail here, before it can fail as an index error or be read as other rows."""
+    require_tensor("labels", labels)
     require_tensor(name, x)
     check_float(name, x)
     shapes = ([tuple(labels.shape)] if per_token else []) + ([tuple(labels.shape[:1])] if per_row else [])
@@ -90,21 +104,16 @@ def check_choice(name: str, value, valid: Iterable[str]) -> None:
         raise ValueError(f"{name}={value!r} is unknown; valid values are {valid}")
 
 
-def check_positive(name: str, value) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-
-
 def check_nonnegative(name: str, value) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+    if not is_real(value) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 def check_finite(name: str, value) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+    if not is_real(value) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
 def check_label_smoothing(value) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < 0.5:
+    if not is_real(value) or not 0.0 <= value < 0.5:
         raise ValueError(f"label_smoothing must lie in [0, 0.5), got {value!r}")

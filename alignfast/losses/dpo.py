@@ -32,7 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from alignfast.losses._validation import (check_choice, check_finite, check_floats, check_label_smoothing,
-                                          check_lengths, check_positive, compute_dtype)
+                                          check_lengths, check_positive, compute_dtype, is_real)
+from alignfast.losses._numerics import capped_expm1
+from alignfast.losses._reductions import batch_mean
 
 
 @dataclass(frozen=True)
@@ -149,7 +151,7 @@ def _bco_pair(t: PairTerms) -> torch.Tensor:
     rc, rr = t.beta * t.chosen_logratios, t.beta * t.rejected_logratios
     shift = t.bco_running_mean
     if shift is None:
-        shift = torch.cat((rc, rr)).mean().detach()
+        shift = batch_mean(torch.cat((rc, rr))).detach()
     return -F.logsigmoid(rc - shift) - F.logsigmoid(-(rr - shift))
 
 
@@ -203,7 +205,8 @@ def _discopop(t: PairTerms) -> torch.Tensor:
     (1 − σ(z/τ))·(−log σ(z)) + σ(z/τ)·exp(−z)."""
     z = t.beta * t.delta
     weight = torch.sigmoid(z / t.discopop_tau)
-    return (1.0 - weight) * -F.logsigmoid(z) + weight * torch.exp(-z)
+    # σ(z/τ)·exp(−z) as exp(log σ(z/τ) − z): the product form is 0·inf = NaN once exp(−z) overflows
+    return (1.0 - weight) * -F.logsigmoid(z) + torch.exp(F.logsigmoid(z / t.discopop_tau) - z)
 
 
 @register_dpo_loss("sigmoid_norm", f_divergence=True, needs_lengths=True)
@@ -219,14 +222,12 @@ def _sigmoid_norm(t: PairTerms) -> torch.Tensor:
 def _alpha_scores(logratios: torch.Tensor, alpha: float) -> torch.Tensor:
     if abs(alpha - 1.0) < 1e-6:  # the α → 1 limit is log t: reverse KL
         return logratios
-    # exp((α−1)·u) is clamped where it would overflow: at 80 in float32 (as TRL), 700 in float64.
-    bound = 700.0 if logratios.dtype == torch.float64 else 80.0
-    return torch.expm1(((alpha - 1.0) * logratios).clamp(max=bound)) / (alpha - 1.0)
+    return capped_expm1((alpha - 1.0) * logratios) / (alpha - 1.0)
 
 
 F_DIVERGENCES: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
     "reverse_kl": lambda u, alpha: u,
-    "forward_kl": lambda u, alpha: -torch.expm1(-u),
+    "forward_kl": lambda u, alpha: -capped_expm1(-u),
     "js_divergence": lambda u, alpha: math.log(2.0) + F.logsigmoid(u),
     "alpha_divergence": _alpha_scores,
 }
@@ -286,8 +287,9 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
             check_lengths(name, lengths, batch, device)
     if bco_running_mean is not None and not (
             isinstance(bco_running_mean, torch.Tensor) and bco_running_mean.dim() == 0
-            or isinstance(bco_running_mean, (int, float)) and not isinstance(bco_running_mean, bool)):
-        raise ValueError(f"bco_running_mean must be a float or a 0-dim tensor, got {bco_running_mean!r}")
+            and bool(torch.isfinite(bco_running_mean))
+            or is_real(bco_running_mean) and math.isfinite(bco_running_mean)):
+        raise ValueError(f"bco_running_mean must be a finite float or 0-dim tensor, got {bco_running_mean!r}")
 
     dtype = compute_dtype(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     pc, pr = policy_chosen_logps.to(dtype), policy_rejected_logps.to(dtype)

@@ -38,6 +38,7 @@ from torch import nn
 from alignfast.ops.gradient_in_forward import GradientInForward
 from alignfast.ops.logprobs import implementation, logprob_stats, make_options
 from alignfast.ops.options import LogitOptions, compute_dtype
+from alignfast.ops.validation import require_tensor
 
 Metrics = dict[str, torch.Tensor]
 
@@ -144,12 +145,13 @@ class LinearLossBase(nn.Module):
         when the formula couples the units of the batch (sorting, batch statistics), which rules out
         per-chunk gradients.
         """
-        _check_batch(hidden, labels, self.unit)
+        check_batch(hidden, labels, self.unit)
         opts = make_options(hidden, weight, labels, bias, temperature=self.temperature, softcap=self.softcap,
                             ignore_index=self.ignore_index, backend=self.backend, chunk_size=self.chunk_size,
                             with_entropy=with_entropy, grad_filter_eps=self.grad_filter_eps)
         mask = labels != self.ignore_index
-        ref = self._reference(labels, mask, opts, ref_hidden, ref_weight, ref_bias, ref_logps, ref_per_token)
+        ref = self._reference(labels, mask, weight.shape[0], ref_hidden, ref_weight, ref_bias, ref_logps,
+                              ref_per_token)
         whole = SequenceBatch(logps=None, entropy=None, mask=mask,  # type: ignore[arg-type]
                               rows=torch.arange(labels.shape[0], device=labels.device), ref=ref,
                               total_tokens=int(mask.sum()), total_rows=labels.shape[0])
@@ -182,19 +184,24 @@ class LinearLossBase(nn.Module):
                                self.ignore_index)
         return st.logprob.view(labels.shape)
 
-    def _reference(self, labels, mask, opts: LogitOptions, ref_hidden, ref_weight, ref_bias, ref_logps,
-                   per_token: bool):
+    def _reference(self, labels, mask, vocab: int, ref_hidden, ref_weight, ref_bias, ref_logps, per_token: bool):
         """Reference log-probs: [B, T] (0 at ignored positions) or [B]; one no-grad projection."""
         if ref_hidden is not None or ref_weight is not None:
             if ref_hidden is None or ref_weight is None:
                 raise ValueError("pass both ref_hidden and ref_weight (or precomputed ref_logps)")
             if ref_logps is not None:
                 raise ValueError("pass either ref_hidden + ref_weight or ref_logps, not both")
+            require_tensor("ref_weight", ref_weight)
+            if ref_weight.dim() != 2 or ref_weight.shape[0] != vocab:
+                raise ValueError(f"ref_weight {tuple(ref_weight.shape)} must be [V, H_ref] with the policy's "
+                                 f"vocabulary V={vocab}")
+            require_tensor("ref_hidden", ref_hidden)
             if ref_hidden.shape[:-1] != labels.shape:
                 raise ValueError(f"ref_hidden {tuple(ref_hidden.shape)} does not match labels {tuple(labels.shape)}")
             return self.token_logps_no_grad(ref_hidden, ref_weight, ref_bias, labels)
         if ref_logps is None:
             return None
+        require_tensor("ref_logps", ref_logps)
         ref_logps = ref_logps.detach()
         if ref_logps.shape == labels.shape:
             return torch.where(mask, ref_logps, ref_logps.new_zeros(()))
@@ -204,7 +211,9 @@ class LinearLossBase(nn.Module):
         return ref_logps
 
 
-def _check_batch(hidden, labels, unit: str) -> None:
+def check_batch(hidden, labels, unit: str) -> None:
+    require_tensor("hidden", hidden)
+    require_tensor("labels", labels)
     if hidden.dim() != 3 or labels.dim() != 2 or hidden.shape[:2] != labels.shape:
         raise ValueError(f"expected hidden [B, T, H] and labels [B, T]; got hidden {tuple(hidden.shape)} and "
                          f"labels {tuple(labels.shape)}")

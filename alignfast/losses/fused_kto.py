@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from alignfast.losses._validation import check_choice
-from alignfast.losses.fused_base import LinearLossBase, SequenceBatch
+from alignfast.losses._validation import check_binary, check_choice
+from alignfast.losses.fused_base import LinearLossBase, SequenceBatch, check_batch
 from alignfast.losses.kto import KTO_LOSS_TYPES, kto_kl_estimate, kto_loss
 
 
@@ -57,9 +57,11 @@ class LinearKTOLoss(LinearLossBase):
     def forward(self, hidden, weight, labels, desirable, bias=None, *, ref_hidden=None, ref_weight=None,
                 ref_bias=None, ref_logps=None, kl=None, kl_hidden=None, kl_labels=None, ref_kl_hidden=None,
                 ref_kl_logps=None):
+        check_batch(hidden, labels, self.unit)
         if ref_hidden is None and ref_weight is None and ref_logps is None:
             raise ValueError("LinearKTOLoss needs the reference: pass ref_hidden + ref_weight, or ref_logps")
-        if not isinstance(desirable, torch.Tensor) or desirable.shape != labels.shape[:1]:
+        check_binary("desirable", desirable)
+        if desirable.shape != labels.shape[:1]:
             raise ValueError(f"desirable must be a [B]=({labels.shape[0]},) bool tensor, got "
                              f"{getattr(desirable, 'shape', desirable)!r}")
         z0 = self.reference_point(weight, bias, kl, kl_hidden, kl_labels, ref_kl_hidden, ref_weight, ref_bias,

@@ -15,9 +15,10 @@ from typing import NamedTuple
 
 import torch
 
+from alignfast.losses._reductions import batch_mean
 from alignfast.losses._validation import check_choice
 from alignfast.losses.dpo import DPO_LOSSES, dpo_loss
-from alignfast.losses.fused_base import LinearLossBase, SequenceBatch
+from alignfast.losses.fused_base import LinearLossBase, SequenceBatch, check_batch
 from alignfast.losses.preference import CPO_LOSS_TYPES, _reward_metrics, cpo_loss, orpo_loss, simpo_loss
 
 # DPO loss types that couple the pairs of a batch (sorting, a batch-mean shift): their gradient is
@@ -73,6 +74,7 @@ class LinearPreferenceLoss(LinearLossBase):
 
     def forward(self, hidden, weight, labels, bias=None, *, ref_hidden=None, ref_weight=None, ref_bias=None,
                 ref_logps=None):
+        check_batch(hidden, labels, self.unit)
         if self.needs_reference and ref_hidden is None and ref_weight is None and ref_logps is None:
             raise ValueError(f"{type(self).__name__} needs the reference: pass ref_hidden + ref_weight, or ref_logps")
         n_pairs = labels.shape[0] // 2
@@ -82,8 +84,8 @@ class LinearPreferenceLoss(LinearLossBase):
             t = self.pair_terms(batch, chosen_tokens)
             loss = t.losses.sum() / max(n_pairs, 1)
             metrics = dict(t.metrics)
-            metrics["logps/chosen"] = t.chosen_logps.detach().mean()
-            metrics["logps/rejected"] = t.rejected_logps.detach().mean()
+            metrics["logps/chosen"] = batch_mean(t.chosen_logps.detach())
+            metrics["logps/rejected"] = batch_mean(t.rejected_logps.detach())
             return loss, metrics
 
         return self._loss(formula, hidden, weight, bias, labels, ref_hidden=ref_hidden, ref_weight=ref_weight,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from alignfast.losses._reductions import LOSS_AGG_MODES, aggregate, masked_mean
-from alignfast.losses._validation import check_choice, check_rows
+from alignfast.losses._validation import check_choice, check_finite, check_nonnegative, check_positive, check_rows
 from alignfast.losses.fused_base import LinearLossBase, SequenceBatch
 from alignfast.losses.grpo import GRPO_LOSS_TYPES, grpo_loss
 from alignfast.losses.kl import KL_ESTIMATORS
@@ -54,6 +54,8 @@ class LinearPPOLoss(LinearLossBase):
         check_choice("loss_agg", loss_agg, LOSS_AGG_MODES)
         check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS + ("full",))
         check_choice("token_backend", token_backend, PG_TOKEN_BACKENDS)
+        check_nonnegative("kl_coef", kl_coef)
+        check_finite("entropy_coef", entropy_coef)
         if kl_estimator == "full" and self.softcap is not None:
             raise ValueError(f"kl_estimator='full' (linear_kl) does not support a logit softcap (got softcap="
                              f"{self.softcap!r}); use kl_estimator 'k1', 'k2' or 'k3'")
@@ -120,10 +122,10 @@ class LinearPPOLoss(LinearLossBase):
         backend = self.backend if self.backend in kl_backends() else "auto"
         opts = make_kl_options(hidden, weight, ref_hidden, ref_weight, bias, ref_bias, valid, reverse=False,
                                temperature=self.temperature, backend=backend, chunk_size=self.chunk_size)
-        mask = valid.to(torch.float64)
-        probe = torch.zeros(labels.shape, dtype=torch.float64, device=labels.device, requires_grad=True)
-        with torch.enable_grad():   # ∂aggregate/∂KL: the weight of each token's KL in the loss
-            (weights,) = torch.autograd.grad(aggregate(probe, mask, self.loss_agg), probe)
+        # ∂aggregate/∂KL: the weight of each token's KL in the loss (autograd on a probe, also under inference_mode)
+        with torch.inference_mode(False), torch.enable_grad():
+            probe = torch.zeros(labels.shape, dtype=torch.float64, device=labels.device, requires_grad=True)
+            (weights,) = torch.autograd.grad(aggregate(probe, valid.to(torch.float64), self.loss_agg), probe)
         with torch.set_grad_enabled(torch.is_grad_enabled() and bool(self.kl_coef)):  # metric only: no graph
             penalty, kl = weighted_kl_sum(hidden.reshape(-1, hidden.shape[-1]), weight, bias,
                                           ref_hidden.reshape(-1, ref_hidden.shape[-1]), ref_weight, ref_bias,
@@ -152,6 +154,8 @@ class LinearGRPOLoss(LinearLossBase):
         super().__init__(**options)
         check_choice("loss_type", loss_type, GRPO_LOSS_TYPES)
         check_choice("token_backend", token_backend, PG_TOKEN_BACKENDS)
+        if max_completion_length is not None:
+            check_positive("max_completion_length", max_completion_length)
         self.token_backend = token_backend
         self.beta, self.epsilon, self.epsilon_high = beta, epsilon, epsilon_high
         self.loss_type, self.max_completion_length, self.log_entropy = loss_type, max_completion_length, log_entropy
@@ -164,7 +168,7 @@ class LinearGRPOLoss(LinearLossBase):
         has_ref = ref_hidden is not None or ref_weight is not None or ref_logps is not None
         if self.beta and not has_ref:
             raise ValueError(f"beta={self.beta!r} needs the reference: pass ref_hidden + ref_weight or ref_logps")
-        max_len = self.max_completion_length or labels.shape[1]
+        max_len = labels.shape[1] if self.max_completion_length is None else self.max_completion_length
 
         def formula(batch: SequenceBatch):
             ref = batch.ref_token_logps() if batch.ref is not None else None

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from alignfast.losses._reductions import masked_mean, masked_row_mean
+from alignfast.losses._reductions import batch_mean, masked_mean, masked_row_mean
 from alignfast.losses._validation import (check_choice, check_floats, check_mask, check_nonnegative, check_positive,
                                           compute_dtype)
 from alignfast.losses.pg_token import CLIP_HIGH, CLIP_LOW, TokenLossOptions, pg_token_terms, resolve_backend
@@ -89,10 +89,10 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, ref_log
     m = mask.to(dtype)
 
     if loss_type == "grpo":
-        loss = masked_row_mean(per_token, m).mean()
+        loss = batch_mean(masked_row_mean(per_token, m))
     elif loss_type == "dr_grpo":
         length = logprobs.shape[1] if max_completion_length is None else max_completion_length
-        loss = (per_token * m).sum() / (logprobs.shape[0] * max(length, 1))
+        loss = (per_token * m).sum() / (max(logprobs.shape[0], 1) * max(length, 1))
     else:  # bnpo, dapo: one batch on one process
         loss = masked_mean(per_token, m)
 

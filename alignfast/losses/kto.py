@@ -17,8 +17,8 @@ from collections.abc import Callable
 
 import torch
 
-from alignfast.losses._validation import check_choice, check_floats, check_nonnegative, check_positive, compute_dtype
-from alignfast.ops.validation import require_tensor
+from alignfast.losses._validation import (check_binary, check_choice, check_finite, check_floats,
+                                          check_nonnegative, check_positive, compute_dtype)
 
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
@@ -78,9 +78,7 @@ def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, labels: torch.
     check_nonnegative("undesirable_weight", undesirable_weight)
     check_choice("loss_type", loss_type, KTO_LOSS_TYPES)
     check_floats({"policy_logps": policy_logps, "ref_logps": ref_logps}, ndim=1)
-    require_tensor("labels", labels)
-    if labels.dtype.is_floating_point or labels.dtype.is_complex:
-        raise ValueError(f"labels must be bool (or 0/1 integers), got {labels.dtype}")
+    check_binary("labels", labels)
     if labels.shape != policy_logps.shape:
         raise ValueError(f"labels {tuple(labels.shape)} does not match policy_logps {tuple(policy_logps.shape)}")
     if labels.device != policy_logps.device:
@@ -88,8 +86,11 @@ def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, labels: torch.
     if loss_type == "kto":
         if kl is None:
             raise ValueError("kl is required for loss_type='kto' (e.g. kto_kl_estimate(...), or 0.0)")
-        if isinstance(kl, torch.Tensor) and kl.numel() != 1:
-            raise ValueError(f"kl must be a float or a one-element tensor, got shape {tuple(kl.shape)}")
+        if isinstance(kl, torch.Tensor):
+            if kl.numel() != 1 or not bool(torch.isfinite(kl).all()):
+                raise ValueError(f"kl must be a finite float or one-element tensor, got {kl!r}")
+        else:
+            check_finite("kl", kl)
     dtype = compute_dtype(policy_logps, ref_logps)
     desirable = labels.bool()
     logratios = policy_logps.to(dtype) - ref_logps.detach().to(dtype)

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 
 from alignfast.losses._validation import (check_choice, check_finite, check_floats, check_label_smoothing,
                                           check_lengths, check_nonnegative, check_positive, compute_dtype)
+from alignfast.losses._numerics import capped_expm1
+from alignfast.losses._reductions import batch_mean
 
 CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
 
@@ -25,11 +27,11 @@ def _smoothed_sigmoid(logits: torch.Tensor, eps: float) -> torch.Tensor:
 
 def _reward_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, torch.Tensor]:
     chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
-    return {
-        "rewards/chosen": chosen_rewards.mean(),
-        "rewards/rejected": rejected_rewards.mean(),
-        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).to(chosen_rewards.dtype).mean(),
+    return {  # means over the pairs (0 for an empty batch)
+        "rewards/chosen": batch_mean(chosen_rewards),
+        "rewards/rejected": batch_mean(rejected_rewards),
+        "rewards/margins": batch_mean(chosen_rewards - rejected_rewards),
+        "rewards/accuracies": batch_mean((chosen_rewards > rejected_rewards).to(chosen_rewards.dtype)),
     }
 
 
@@ -126,8 +128,8 @@ def orpo_loss(chosen_logps_avg: torch.Tensor, rejected_logps_avg: torch.Tensor, 
     nll = chosen_nll.to(dtype)
     losses = nll - beta * ratio
     metrics = _reward_metrics(beta * chosen, beta * rejected)
-    metrics.update({"log_odds_ratio": ratio.detach().mean(), "log_odds_chosen": log_odds.detach().mean(),
-                    "nll_loss": nll.detach().mean()})
+    metrics.update({"log_odds_ratio": batch_mean(ratio.detach()), "log_odds_chosen": batch_mean(log_odds.detach()),
+                    "nll_loss": batch_mean(nll.detach())})
     return losses, metrics
 
 
@@ -177,7 +179,7 @@ def cpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     dtype = compute_dtype(policy_chosen_logps, policy_rejected_logps, chosen_nll)
     chosen, rejected = policy_chosen_logps.to(dtype), policy_rejected_logps.to(dtype)
     if alpha != 0.0:  # AlphaPO: r = (1 − exp(−α·log π))/α
-        chosen, rejected = -torch.expm1(-alpha * chosen) / alpha, -torch.expm1(-alpha * rejected) / alpha
+        chosen, rejected = -capped_expm1(-alpha * chosen) / alpha, -capped_expm1(-alpha * rejected) / alpha
     z = chosen - rejected
     if loss_type == "sigmoid":
         losses = _smoothed_sigmoid(beta * z, label_smoothing)
@@ -191,7 +193,7 @@ def cpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     if cpo_alpha != 0:
         nll = chosen_nll.to(dtype)
         losses = losses + cpo_alpha * nll
-        metrics["nll_loss"] = nll.detach().mean()
+        metrics["nll_loss"] = batch_mean(nll.detach())
     else:
         metrics["nll_loss"] = z.new_zeros(())
     return losses, metrics

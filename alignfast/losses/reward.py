@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from alignfast.losses._reductions import batch_mean
 from alignfast.losses._validation import check_finite, check_floats, compute_dtype
 
 
@@ -48,16 +49,16 @@ def reward_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor, *,
         else:
             check_finite("margin", margin)
         logits = diff - margin
-    loss = -F.logsigmoid(logits).mean()
+    loss = batch_mean(-F.logsigmoid(logits))
     if center_rewards_coefficient is not None:
-        loss = loss + center_rewards_coefficient * (chosen + rejected).square().mean()
-    with torch.no_grad():
+        loss = loss + center_rewards_coefficient * batch_mean((chosen + rejected).square())
+    with torch.no_grad():  # an empty batch: loss and metrics 0
         both = torch.cat((chosen, rejected))
         metrics = {
-            "accuracy": (diff > 0).to(dtype).mean(),
-            "margin": diff.mean(),
-            "min_reward": both.min(),
-            "mean_reward": both.mean(),
-            "max_reward": both.max(),
+            "accuracy": batch_mean((diff > 0).to(dtype)),
+            "margin": batch_mean(diff),
+            "min_reward": both.min() if both.numel() else both.new_zeros(()),
+            "mean_reward": batch_mean(both),
+            "max_reward": both.max() if both.numel() else both.new_zeros(()),
         }
     return loss, metrics

@@ -11,6 +11,7 @@ so the chunked backends compute the gradient there too: 3 vocab projections inst
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from alignfast.ops.gradient_in_forward import GradientInForward
 from alignfast.ops.logprobs import implementation, logprob_stats, make_options, reference_logits
 from alignfast.ops.options import LogitOptions
+from alignfast.ops.validation import is_real
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -85,10 +87,10 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r} is unknown; choose one of {list(REDUCTIONS)}")
-    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
+    if not is_real(label_smoothing) or not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
-    if not isinstance(z_loss, (int, float)) or not z_loss >= 0.0:
-        raise ValueError(f"z_loss must be a number >= 0, got {z_loss!r}")
+    if not is_real(z_loss) or not 0.0 <= z_loss < math.inf:
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
     opts = make_options(hidden, weight, targets, bias, temperature=temperature, softcap=softcap,
                         ignore_index=ignore_index, backend=backend, chunk_size=chunk_size,
                         with_zmean=bool(label_smoothing), grad_filter_eps=grad_filter_eps)
@@ -121,7 +123,7 @@ def reference_cross_entropy(hidden, weight, bias, targets, opts, terms: CrossEnt
                             reduction):
     """Naive: materialised logits and `F.cross_entropy` (plus the z-loss), the benchmarks' baseline."""
     logits = reference_logits(hidden, weight, bias, opts)
-    losses = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="none",
+    losses = F.cross_entropy(logits, targets.long(), ignore_index=ignore_index, reduction="none",
                              label_smoothing=terms.label_smoothing)
     if terms.z_loss:
         valid = targets != ignore_index

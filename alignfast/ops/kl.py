@@ -101,8 +101,13 @@ class TorchKLRows:
     def stats(z, z_ref, opts: KLOptions):
         """(kl, lse, ref_lse) [rows] of raw logits blocks z, z_ref [rows, V]."""
         x, y = _tempered_(z, opts.temperature), _tempered_(z_ref, opts.temperature)
-        lse, ref_lse = torch.logsumexp(x, dim=1), torch.logsumexp(y, dim=1)
-        logp, logq = x.sub_(lse[:, None]), y.sub_(ref_lse[:, None])
+        # log p = (x − max) − log Σ e^{x − max], as log_softmax forms it: x − lse would round at lse's
+        # magnitude (|lse| in the hundreds for peaked or tempered rows: ~1e-5 relative error in p)
+        m, m_ref = x.amax(dim=1, keepdim=True), y.amax(dim=1, keepdim=True)
+        logp, logq = x.sub_(m), y.sub_(m_ref)
+        log_s, ref_log_s = torch.logsumexp(logp, dim=1), torch.logsumexp(logq, dim=1)
+        logp.sub_(log_s[:, None]), logq.sub_(ref_log_s[:, None])
+        lse, ref_lse = m.squeeze(1) + log_s, m_ref.squeeze(1) + ref_log_s
         # KL = Σ e^{w}(w − o) with (w, o) = (log p, log q), or (log q, log p) for the reverse KL.
         w, o = (logq, logp) if opts.reverse else (logp, logq)
         d = o.sub_(w).neg_()  # w − o

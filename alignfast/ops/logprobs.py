@@ -186,8 +186,6 @@ def make_options(hidden, weight, targets, bias, *, temperature, softcap, ignore_
                  supported=dispatch.ALL_BACKENDS) -> LogitOptions:
     """Validates the public arguments and resolves the backend."""
     validation.check_linear_head(hidden, weight, bias)
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
     validation.check_targets(targets, hidden, weight.shape[0], ignore_index)
     validation.check_positive("temperature", temperature)
     validation.check_positive("softcap", softcap, optional=True)
@@ -197,6 +195,6 @@ def make_options(hidden, weight, targets, bias, *, temperature, softcap, ignore_
     if grad_filter_eps is not None and resolved == "reference":
         raise ValueError("grad_filter_eps needs a fused backend (chunked, cpp, cuda, triton), not 'reference'")
     return LogitOptions(temperature=float(temperature), softcap=None if softcap is None else float(softcap),
-                        backend=resolved, chunk_size=chunk_size, with_entropy=with_entropy,
-                        with_zmean=with_zmean,
+                        backend=resolved, chunk_size=None if chunk_size is None else int(chunk_size),
+                        with_entropy=with_entropy, with_zmean=with_zmean,
                         grad_filter_eps=None if grad_filter_eps is None else float(grad_filter_eps))

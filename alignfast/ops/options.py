@@ -81,7 +81,13 @@ def _aligned(n: int) -> int:
 
 
 def _budget() -> int:
-    return int(os.environ.get("ALIGNFAST_CHUNK_BYTES", DEFAULT_CHUNK_BYTES))
+    value = os.environ.get("ALIGNFAST_CHUNK_BYTES", "")
+    if not value:
+        return DEFAULT_CHUNK_BYTES
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"ALIGNFAST_CHUNK_BYTES must be a whole number of bytes, got {value!r}") from None
 
 
 def _itemsize(dtype: torch.dtype) -> int:

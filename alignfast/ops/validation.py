@@ -2,10 +2,22 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# gather/index_select take int64; int32 (what some tokenizers and collators hand out) is widened
+TARGET_DTYPES = (torch.int64, torch.int32)
+
+
+def is_real(value) -> bool:
+    """A real number, numpy scalars included; not a bool (True is an int in Python, never a coefficient)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
@@ -50,17 +62,24 @@ def check_linear_head(hidden, weight, bias=None, *, prefix: str = "") -> None:
         raise ValueError(f"{h} is on {hidden.device} but {w} is on {weight.device}")
     if bias is not None:
         check_float(b, bias)
+        if bias.dtype != weight.dtype:
+            raise ValueError(f"{b} ({bias.dtype}) and {w} ({weight.dtype}) must have the same dtype")
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"{b} must be [V]={weight.shape[0]}, got shape {_shape(bias)}")
         if bias.device != weight.device:
             raise ValueError(f"{b} is on {bias.device} but {w} is on {weight.device}")
+        if not bool(torch.isfinite(bias).all()):  # −inf masks: 0·(−inf) = NaN in entropies and gradients
+            raise ValueError(f"{b} must be finite; to mask vocabulary entries use a large negative finite "
+                             f"value (e.g. -1e4), not -inf")
 
 
 def check_targets(targets, hidden: torch.Tensor, vocab: int, ignore_index: int, *, name: str = "targets") -> None:
     """targets has hidden's leading shape, an integer dtype, and values in [0, V) or ignore_index."""
     require_tensor(name, targets)
-    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
-        raise ValueError(f"{name} must be an integer tensor, got {targets.dtype} (shape {_shape(targets)})")
+    if targets.dtype not in TARGET_DTYPES:
+        raise ValueError(f"{name} must be an int64 (or int32) tensor of token ids, got {targets.dtype} "
+                         f"(shape {_shape(targets)})")
+    check_ignore_index(ignore_index)
     if _shape(targets) != _shape(hidden)[:-1]:
         raise ValueError(f"{name} shape {_shape(targets)} must equal hidden's leading shape "
                          f"{_shape(hidden)[:-1]} (hidden is {_shape(hidden)})")
@@ -73,14 +92,18 @@ def check_targets(targets, hidden: torch.Tensor, vocab: int, ignore_index: int, 
             raise ValueError(f"{name} holds {bad}, outside [0, V={vocab}) and not ignore_index={ignore_index}")
 
 
+def check_ignore_index(ignore_index) -> None:
+    if not is_int(ignore_index) or not -2**63 <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index must be an int (in int64's range), got {ignore_index!r}")
+
+
 def check_positive(name: str, value, *, optional: bool = False) -> None:
     if value is None and optional:
         return
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+    if not is_real(value) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 def check_chunk_size(chunk_size) -> None:
-    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
-                                   or chunk_size < 1):
+    if chunk_size is not None and (not is_int(chunk_size) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")

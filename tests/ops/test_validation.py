@@ -1,4 +1,6 @@
 """Bad input to the public ops: a clear ValueError/TypeError/RuntimeError naming the argument."""
+import math
+
 import pytest
 import torch
 
@@ -21,7 +23,7 @@ BAD = {
     "empty-vocab": (args(weight=torch.randn(0, H), targets=torch.full((5,), -100)), ValueError, r"empty vocabulary"),
     "weight-not-2d": (args(weight=torch.randn(V, H, 1)), ValueError, r"weight must be 2-D"),
     "hidden-1d": (args(hidden=torch.randn(H)), ValueError, r"hidden must be"),
-    "float-targets": (args(targets=torch.rand(5)), ValueError, r"targets must be an integer"),
+    "float-targets": (args(targets=torch.rand(5)), ValueError, r"targets must be an int64 \(or int32\) tensor"),
     "target-too-big": (args(targets=torch.tensor([0, 1, V, 2, 3])), ValueError, r"outside \[0, V=20\)"),
     "target-negative": (args(targets=torch.tensor([0, -1, 2, 2, 3])), ValueError, r"holds -1"),
     "mixed-dtypes": (args(weight=torch.randn(V, H, dtype=torch.float64)), ValueError, r"same dtype"),
@@ -33,17 +35,39 @@ BAD = {
     "softcap-neg": (args(softcap=-1.0), ValueError, r"softcap"),
     "chunk-0": (args(chunk_size=0), ValueError, r"chunk_size"),
     "unknown-backend": (args(backend="magic"), ValueError, r"backend='magic' is unknown.*reference"),
+    "int16-targets": (args(targets=torch.randint(0, V, (5,), dtype=torch.int16)), ValueError, r"int64 \(or int32\)"),
+    "uint8-targets": (args(targets=torch.randint(0, V, (5,), dtype=torch.uint8)), ValueError, r"int64 \(or int32\)"),
+    "bias-dtype": (args(bias=torch.randn(V, dtype=torch.float64)), ValueError, r"bias \(torch.float64\).*same dtype"),
+    "bias-minus-inf": (args(bias=torch.zeros(V).index_fill_(0, torch.tensor([3]), -math.inf)), ValueError,
+                       r"bias must be finite"),
+    "ignore-index-overflow": (args(ignore_index=10**20), ValueError, r"ignore_index must be an int"),
+    "chunks-env": (args(_env="1e6"), ValueError, r"ALIGNFAST_CHUNK_BYTES must be a whole number"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
 @pytest.mark.parametrize("op", ["linear_logprobs", "linear_cross_entropy"])
-def test_bad_input_raises_clear_error(op, case):
+def test_bad_input_raises_clear_error(op, case, monkeypatch):
     kwargs, err, match = BAD[case]
     kwargs = dict(kwargs)
+    if "_env" in kwargs:
+        monkeypatch.setenv("ALIGNFAST_CHUNK_BYTES", kwargs.pop("_env"))
     fn = getattr(alignfast, op)
     with pytest.raises(err, match=match):
         fn(kwargs.pop("hidden"), kwargs.pop("weight"), kwargs.pop("targets"), **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked"] + (["cpp"] if "cpp" in alignfast.backends() else []))
+@pytest.mark.parametrize("op", ["linear_logprobs", "linear_cross_entropy"])
+def test_int32_targets_and_numpy_scalars_are_accepted(op, backend):
+    """int32 token ids (some collators' dtype) and numpy scalar options give int64/float results."""
+    np = pytest.importorskip("numpy")
+    a = args(weight=torch.randn(V, H, dtype=torch.float64), hidden=torch.randn(5, H, dtype=torch.float64))
+    fn = getattr(alignfast, op)
+    want = fn(a["hidden"], a["weight"], a["targets"], temperature=0.7, backend="reference")
+    got = fn(a["hidden"], a["weight"], a["targets"].int(), temperature=np.float32(0.7), chunk_size=np.int64(2),
+             ignore_index=np.int64(-100), backend=backend)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-12)  # 0.7 as np.float32 is 0.7 rounded to fp32
 
 
 def test_ignore_index_is_not_out_of_range():
