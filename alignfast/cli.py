@@ -70,13 +70,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
         args.runner_args = rest
-    elif rest:
+        return args
+    if args.command == "train":
+        # key=value overrides may sit on both sides of the options (argparse stops the positional at the
+        # first option), and `--resume key=value` is --resume (the latest checkpoint) then an override
+        if args.resume_from is not None and "=" in args.resume_from:
+            args.overrides, args.resume_from = [args.resume_from, *args.overrides], "latest"
+        args.overrides += [r for r in rest if "=" in r and not r.startswith("-")]
+        rest = [r for r in rest if not ("=" in r and not r.startswith("-"))]
+    if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return args
 
 
 def run_train(args) -> int:
     from alignfast.trainers import STAGES, TrainingStopped, load_config
+    from alignfast.trainers.checkpoint import CheckpointError
 
     config_class, trainer_class = STAGES[args.stage]
     try:
@@ -85,12 +94,19 @@ def run_train(args) -> int:
     except ValueError as e:
         print(f"alignfast: invalid configuration: {e}", file=sys.stderr)
         return 2
-    trainer = trainer_class(cfg)
+    try:  # what only the data and the models can tell (too few usable examples, an unknown reward function)
+        trainer = trainer_class(cfg)
+    except ValueError as e:
+        print(f"alignfast: {e}", file=sys.stderr)
+        return 2
     try:
         metrics = trainer.train()
     except TrainingStopped as e:
         print(f"alignfast: {e}", file=sys.stderr)
         return 3
+    except CheckpointError as e:  # resume_from: missing, torn, or another run's
+        print(f"alignfast: {e}", file=sys.stderr)
+        return 2
     finally:
         trainer.end_training()
     if trainer.accelerator.is_main_process:

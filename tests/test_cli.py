@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from alignfast.cli import build_parser, main
+from alignfast.cli import build_parser, main, parse_args
 from alignfast.trainers import STAGES
 
 
@@ -45,6 +45,31 @@ def test_train_sft_from_the_command_line(tmp_path, capsys):
     assert rc == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["output_dir"] == str(tmp_path / "o") and out["loss"] > 0
+
+
+def test_overrides_on_both_sides_of_the_options_and_after_resume():
+    args = parse_args(["train", "dpo", "beta=0.2", "--model", "m", "max_steps=1", "--resume", "seed=3"])
+    assert args.overrides == ["seed=3", "beta=0.2", "max_steps=1"] and args.resume_from == "latest"
+    assert parse_args(["train", "sft", "--resume", "out/checkpoint-2"]).resume_from == "out/checkpoint-2"
+    with pytest.raises(SystemExit):
+        parse_args(["train", "sft", "--no-such-flag"])
+
+
+def test_errors_only_the_data_or_checkpoint_can_tell_exit_cleanly(tmp_path, capsys):
+    """Too few examples for one batch, and a resume from a missing checkpoint: a message, status 2."""
+    import torch
+
+    from alignfast.data import toy, write_jsonl
+    from alignfast.models.tiny import save_tiny
+
+    torch.set_num_threads(1)
+    model = save_tiny(tmp_path / "m")
+    data = write_jsonl(toy.sft_records(4), tmp_path / "d.jsonl")
+    common = ["train", "sft", "--model", model, "--dataset", data, "--output-dir", str(tmp_path / "o")]
+    assert main([*common, "per_device_batch_size=64", "max_steps=1"]) == 2
+    assert "per_device_batch_size" in capsys.readouterr().err
+    assert main([*common, "per_device_batch_size=2", "max_steps=1", f"resume_from={tmp_path / 'nope'}"]) == 2
+    assert "nope" in capsys.readouterr().err
 
 
 def test_examples_parse():

@@ -66,6 +66,7 @@ STAGE_ORDER = ("sl", "rl")
 RL_METHODS = ("dpo", "ppo")
 REWARD_STAGE = "rl_reward"  # rl_method=ppo: the reward model's sub-stage (its directory in output_dir)
 SL_FILE, RL_FILE, STATE_FILE = "sl_cai.jsonl", "rl_cai.jsonl", "cai_state.json"
+SL_STATS_FILE = "sl_cai_stats.json"  # the SL rows' statistics, for the summary of a resumed run
 # The rl_ options the reward model depends on (the others are the RL policy's: DPO or PPO).
 REWARD_KEYS = ("rl_label_margin", "rl_reward_learning_rate", "rl_reward_max_steps")
 # What the sampled rows depend on (beside the constitution's content and the feedback model).
@@ -259,11 +260,7 @@ class CAITrainer:
     def _mark(self, key: str, value: str, forget=()) -> None:
         """Records artefact `key` as made with hash `value`; `forget`: artefacts made from its old version."""
         if self.accelerator.is_main_process:
-            state = {k: v for k, v in {**self._state(), key: value}.items() if k not in forget}
-            tmp = os.path.join(self.out, STATE_FILE + ".tmp")
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(state, f, indent=1)
-            os.replace(tmp, os.path.join(self.out, STATE_FILE))
+            self._save_json(STATE_FILE, {k: v for k, v in {**self._state(), key: value}.items() if k not in forget})
         self.accelerator.wait_for_everyone()
 
     def _is_current(self, key: str, hashes: dict, path: str) -> bool:
@@ -287,6 +284,29 @@ class CAITrainer:
             ("rl_reward_model", "rl_model")
         self._mark(key, hashes[key], forget=downstream)
         return load_records(path), False
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.out, name)
+
+    def _save_json(self, name: str, data: dict) -> None:
+        """Written atomically by the main process."""
+        if self.accelerator.is_main_process:
+            with open(self._path(name) + ".tmp", "w", encoding="utf-8") as f:
+                json.dump(data, f, indent=1)
+            os.replace(self._path(name) + ".tmp", self._path(name))
+
+    def _sl_stats(self, hashes: dict, rows: list[dict]) -> dict:
+        """The SL data's statistics as the run that made `rows` reported them (revision_win_rate needs
+        the feedback model, which a resumed run does not load): saved with the rows' hash."""
+        path = self._path(SL_STATS_FILE)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                saved = json.load(f)
+            if saved.get("sl_data") == hashes["sl_data"]:
+                return saved["stats"]
+        kept = len(self.sl_records(rows))
+        return {"examples": kept, "empty_revisions": len(rows) - kept,
+                "revised_fraction": sum(r["revision"] != r["response"] for r in rows) / max(len(rows), 1)}
 
     def _drop_checkpoints(self, *stages: str) -> None:
         """Deletes the checkpoints of `stages` (main process): they were trained on what is remade."""
@@ -393,18 +413,23 @@ class CAITrainer:
 
     def run_sl(self) -> dict:
         hashes = self._hashes(rl_from_sl=True)
-        if self._model_done("sl", hashes):
+        if self._model_done("sl", hashes):  # the summary of the run that trained it, flagged as reused
             logger.info("cai: reusing the SL model in %s (same config hash)", os.path.join(self.out, "sl"))
-            return {"reused": 1.0, **self._last_metrics("sl")}
+            stats = self._sl_stats(hashes, load_records(self._path(SL_FILE)))
+            return {"reused": 1.0, **self._last_metrics("sl"), **stats}
         policy = self._policy()
         rows, reused = self._rows("sl", hashes, lambda: self.sl_rows(policy))
         records = self.sl_records(rows)
-        stats = {"examples": len(records), "empty_revisions": len(rows) - len(records),
-                 "revised_fraction": sum(r["revision"] != r["response"] for r in rows) / len(rows)}
-        if not reused and _can_compare(self.feedback):  # (rows made here: the feedback model is loaded)
-            stats["revision_win_rate"] = revision_win_rate(
-                self.feedback, [r["prompt"] for r in rows], [r["response"] for r in rows],
-                [r["revision"] for r in rows], [self.principles[r["principle"]] for r in rows])
+        if reused:
+            stats = self._sl_stats(hashes, rows)
+        else:
+            stats = {"examples": len(records), "empty_revisions": len(rows) - len(records),
+                     "revised_fraction": sum(r["revision"] != r["response"] for r in rows) / len(rows)}
+            if _can_compare(self.feedback):  # (rows made here: the feedback model is loaded)
+                stats["revision_win_rate"] = revision_win_rate(
+                    self.feedback, [r["prompt"] for r in rows], [r["response"] for r in rows],
+                    [r["revision"] for r in rows], [self.principles[r["principle"]] for r in rows])
+            self._save_json(SL_STATS_FILE, {"sl_data": hashes["sl_data"], "stats": stats})
         if not records:
             raise ValueError(f"cai: every revision in {SL_FILE} is empty; nothing to fine-tune on")
         self._release_feedback(final="rl" not in self.cfg.stages)

@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import re
 import types
@@ -94,7 +95,17 @@ class TrainConfig:
 
     # ---- validation ---------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":
-        """Raises ValueError naming the first bad key. Touches no model."""
+        """Raises ValueError naming the first bad key. Touches no model. Values are first brought to
+        their fields' types as `load_config` does (a config built in Python gets the same checks)."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, got {value!r}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed!r}")
         if not self.model or not isinstance(self.model, str):
             raise ValueError("model: a model path is required (--model or model=...)")
         _check_model_path("model", self.model)
@@ -118,7 +129,7 @@ class TrainConfig:
         if self.max_length is not None:
             _positive(self, "max_length")
         for key in ("weight_decay", "max_grad_norm", "warmup_steps", "eval_steps", "save_steps", "lora_dropout"):
-            if getattr(self, key) < 0:
+            if not getattr(self, key) >= 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)!r}")
         for key in ("adam_beta1", "adam_beta2", "warmup_ratio", "eval_fraction"):
             if not 0.0 <= getattr(self, key) < 1.0:
@@ -183,8 +194,8 @@ def _choice(cfg, key: str, choices) -> None:
 
 def _positive(cfg, key: str) -> None:
     value = getattr(cfg, key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{key} must be > 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{key} must be a finite number > 0, got {value!r}")
 
 
 # ---- loading ----------------------------------------------------------------------------------
@@ -195,7 +206,10 @@ def parse_overrides(pairs) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ValueError(f"override {pair!r} is not key=value")
-        out[key.strip().replace("-", "_")] = yaml.safe_load(value) if value != "" else None
+        try:
+            out[key.strip().replace("-", "_")] = yaml.safe_load(value) if value != "" else None
+        except yaml.YAMLError:
+            raise ValueError(f"override {pair!r}: {value!r} is not a valid YAML value") from None
     return out
 
 
@@ -257,7 +271,10 @@ def load_config(cls, path=None, overrides=None, **values):
         if not os.path.isfile(path):
             raise ValueError(f"config: file {path!r} does not exist")
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ValueError(f"config: {path!r} is not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ValueError(f"config: {path!r} must hold a mapping of key: value")
         merged.update(data)

@@ -31,10 +31,19 @@ class MetricsLogger:
             self.wandb = wandb.init(name=run_name, config=cfg.to_dict(), resume="allow")
 
     def _truncate_after(self, step: int) -> None:
+        """Keeps the rows up to `step`. A row cut short by the crash (the file is appended, not synced
+        like the checkpoints) is dropped with the other rows after the checkpoint."""
         if not os.path.exists(self.path):
             return
+        rows = []
         with open(self.path, encoding="utf-8") as f:
-            rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+            for line in f:
+                try:
+                    row = json.loads(line) if line.strip() else None
+                except json.JSONDecodeError:
+                    break  # the torn last line: nothing after it was written
+                if row is not None and row.get("step", 0) <= step:
+                    rows.append(line if line.endswith("\n") else line + "\n")
         with open(self.path, "w", encoding="utf-8") as f:
             f.writelines(rows)
 

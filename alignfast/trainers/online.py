@@ -14,6 +14,8 @@ A stage implements `samples_per_prompt`, `rollout_epochs`, `make_experience`, `c
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +58,13 @@ class OnlineConfig(TrainConfig):
         for key in ("reward_model", "ref_model"):
             if getattr(self, key) is not None:
                 _check_model_path(key, getattr(self, key))
+        if self.reward_weights is not None:
+            try:
+                self.reward_weights = [float(w) for w in self.reward_weights]
+            except (TypeError, ValueError):
+                raise ValueError(f"reward_weights must be numbers, got {self.reward_weights!r}") from None
+            if not all(math.isfinite(w) for w in self.reward_weights):
+                raise ValueError(f"reward_weights must be finite, got {self.reward_weights!r}")
         return self
 
 

@@ -180,6 +180,8 @@ def test_cai_with_python_feedback_runs_both_stages(tiny_model_dir, tmp_path, mon
     calls.clear()
     again = make_cai(tiny_model_dir, tmp_path, run, feedback=rule_feedback(calls)).train()
     assert calls == [] and again["sl/reused"] == 1.0 and again["rl/reused"] == 1.0
+    stats = ("sl/examples", "sl/empty_revisions", "sl/revised_fraction", "sl/revision_win_rate")
+    assert [again[k] for k in stats] == [metrics[k] for k in stats]  # saved: no feedback model to recompute
     # Only the RL stage, with a new DPO β: it starts from the SL model of the earlier run, reuses the
     # RL data (made from that model) and retrains only DPO.
     changed = make_cai(tiny_model_dir, tmp_path, run + ["stages=[rl]", "rl_beta=0.5"],

@@ -38,6 +38,13 @@ def no_model_loading(monkeypatch):
     (DPOConfig, ["method=simpo", "f_divergence=forward_kl"], "f_divergence"),
     (DPOConfig, ["method=orpo", "precompute_ref_logps=true"], "precompute_ref_logps"),
     (DPOConfig, ["cpo_alpha=-1"], "cpo_alpha"),
+    (SFTConfig, ["seed=-1"], "seed"),
+    (SFTConfig, [f"seed={2**32}"], "seed"),
+    (SFTConfig, ["max_grad_norm=.nan"], "max_grad_norm"),   # NaN would silently turn clipping off
+    (SFTConfig, ["learning_rate=.inf"], "learning_rate"),
+    (SFTConfig, ["weight_decay=.nan"], "weight_decay"),
+    (SFTConfig, ["max_steps=3.5"], "max_steps"),
+    (SFTConfig, ["report_to=[jsonl"], "report_to"),         # not YAML
 ])
 def test_bad_values_name_the_key(cls, overrides, key, tiny_model_dir):
     with pytest.raises(ValueError, match=key):
@@ -79,3 +86,26 @@ def test_config_hash_ignores_logging_only(tiny_model_dir):
     b = load_config(SFTConfig, None, ["logging_steps=5"], model=tiny_model_dir)
     c = load_config(SFTConfig, None, ["learning_rate=1e-3"], model=tiny_model_dir)
     assert a.config_hash() == b.config_hash() != c.config_hash()
+
+
+def test_a_config_built_in_python_gets_the_same_checks(tiny_model_dir):
+    """Values are brought to their fields' types as from YAML; what cannot be is a ValueError naming the key."""
+    cfg = SFTConfig(model=tiny_model_dir, weight_decay="0.1", seed="7", report_to="jsonl").validate()
+    assert (cfg.weight_decay, cfg.seed, cfg.report_to) == (0.1, 7, ["jsonl"])
+    for key, value in [("weight_decay", "heavy"), ("max_steps", 3.5), ("adam_beta1", None), ("beta", "x")]:
+        with pytest.raises(ValueError, match=key):
+            DPOConfig(model=tiny_model_dir, **{key: value}).validate()
+
+
+def test_malformed_yaml_names_the_file(tmp_path, tiny_model_dir):
+    path = tmp_path / "bad.yaml"
+    path.write_text("beta: [0.1\n")
+    with pytest.raises(ValueError, match=r"bad.yaml' is not valid YAML"):
+        load_config(DPOConfig, str(path), [], model=tiny_model_dir)
+
+
+def test_reward_weights_are_checked_before_loading(tiny_model_dir):
+    from alignfast.trainers import STAGES
+
+    with pytest.raises(ValueError, match="reward_weights must be numbers"):
+        load_config(STAGES["grpo"][0], None, ["reward_weights=[a]"], model=tiny_model_dir)

@@ -127,3 +127,20 @@ def test_nan_steps_are_skipped_then_training_stops(tiny_model_dir, tmp_path):
     with pytest.raises(TrainingStopped, match="3 non-finite losses in a row.*checkpoint-000004"):
         tr.train()
     assert sorted(os.listdir(tmp_path / "b")) == ["checkpoint-000002", "checkpoint-000004", "metrics.jsonl"]
+
+
+def test_a_metrics_row_torn_by_the_crash_does_not_block_resume(tmp_path):
+    """metrics.jsonl is appended (not synced like the checkpoints): a kill mid-write leaves half a row."""
+    from types import SimpleNamespace
+
+    from alignfast.trainers.metrics import MetricsLogger
+
+    cfg = SimpleNamespace(output_dir=str(tmp_path), report_to=["jsonl"])
+    logger = MetricsLogger(cfg, "run", console=lambda *_: None)
+    for step in (1, 2, 3):
+        logger.log(step, "train", {"loss": 1.0 / step})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "split": "train", "lo')
+    MetricsLogger(cfg, "run", resume_step=2, console=lambda *_: None).log(3, "train", {"loss": 0.5})
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 0.5), (3, 0.5)]
