@@ -36,6 +36,7 @@ from alignfast.kernels.logprobs import (
     _flags,
     _push_grad_tile,
     _raw_logits_tile,
+    _scalars,
     autotune_enabled,
     default_config,
 )
@@ -62,13 +63,14 @@ def _kl_fwd_kernel(
     N, V, H, H_REF,
     stride_hn, stride_hk, stride_wv, stride_wk,
     stride_rn, stride_rk, stride_rv, stride_rwk,
-    inv_temp,        # float, 1/temperature
+    scalars_ptr,     # [1] fp32 (fp64 for fp64 inputs): 1/temperature
     N_BUCKET,        # next_power_of_2(N): only an autotune key
     HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, REVERSE: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, INDEX64: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     acc_dtype: tl.constexpr = lse_ptr.dtype.element_ty
+    inv_temp = tl.load(scalars_ptr)
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64 if INDEX64 else tl.int32)
     row_mask = rows < N
 
@@ -148,7 +150,7 @@ def _kl_bwd_kernel(
     N, V, H, H_REF,
     stride_hn, stride_hk, stride_wv, stride_wk,
     stride_rn, stride_rk, stride_rv, stride_rwk,
-    inv_temp,        # float, 1/temperature
+    scalars_ptr,     # [1] fp32 (fp64 for fp64 inputs): 1/temperature
     N_BUCKET,        # next_power_of_2(N): only an autotune key
     HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, REVERSE: tl.constexpr,
     NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
@@ -156,6 +158,7 @@ def _kl_bwd_kernel(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     acc_dtype: tl.constexpr = lse_ptr.dtype.element_ty
+    inv_temp = tl.load(scalars_ptr)
     # Grouped order: GROUP_N token blocks sweep the vocab together (weight tiles shared in L2).
     pid = tl.program_id(0)
     blocks_n = tl.cdiv(N, BLOCK_N)
@@ -219,12 +222,12 @@ def _common_args(hidden, weight, ref_hidden, ref_weight, opts: KLOptions):
     return (n, weight.shape[0], h, ref_hidden.shape[1],
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
             ref_hidden.stride(0), ref_hidden.stride(1), ref_weight.stride(0), ref_weight.stride(1),
-            1.0 / opts.temperature, triton.next_power_of_2(max(n, 1)))
+            _scalars([1.0 / opts.temperature], hidden), triton.next_power_of_2(max(n, 1)))
 
 
-def _config(hidden, weight, ref_hidden, config):
+def _config(hidden, weight, ref_hidden, config, kernel="fwd"):
     return config or default_config(hidden.dtype, hidden.shape[0], weight.shape[0],
-                                    max(hidden.shape[1], ref_hidden.shape[1]))
+                                    max(hidden.shape[1], ref_hidden.shape[1]), kernel)
 
 
 def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ref_hidden: torch.Tensor,
@@ -273,10 +276,12 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
     if n > 0 and (need_h or need_w or need_b):
         kl, lse, ref_lse = (s.contiguous() for s in stats)
-        args = (hidden, weight, bias.contiguous() if bias is not None else lse,
-                ref_hidden, ref_weight, ref_bias.contiguous() if ref_bias is not None else lse,
+        # Pointers that are never read or written; the gradients' own: autotuning zeroes them.
+        unread, unwritten = lse, torch.empty(1, dtype=dtype, device=device)
+        args = (hidden, weight, bias.contiguous() if bias is not None else unread,
+                ref_hidden, ref_weight, ref_bias.contiguous() if ref_bias is not None else unread,
                 kl, lse, ref_lse, grad_kl.contiguous(),
-                gh if gh is not None else lse, gw if gw is not None else lse, gb if gb is not None else lse,
+                *(g if g is not None else unwritten for g in (gh, gw, gb)),
                 *_common_args(hidden, weight, ref_hidden, ref_weight, opts))
         flags = dict(HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None, REVERSE=opts.reverse,
                      NEED_DH=bool(need_h), NEED_DW=bool(need_w), NEED_DB=need_b,
@@ -285,7 +290,7 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             _bwd_autotuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(v, meta["BLOCK_V"]),)](
                 *args, **flags, GROUP_N=8)
         else:
-            cfg = _config(hidden, weight, ref_hidden, config)
+            cfg = _config(hidden, weight, ref_hidden, config, "bwd")
             grid = (triton.cdiv(n, cfg.block_n) * triton.cdiv(v, cfg.block_v),)
             _kl_bwd_kernel[grid](*args, **flags, GROUP_N=cfg.group_n, BLOCK_N=cfg.block_n,
                                  BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,

@@ -116,7 +116,7 @@ def _raw_logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_mask, col
     acc_dtype: tl.constexpr = tl.float64 if hidden_ptr.dtype.element_ty == tl.float64 else tl.float32
     z = tl.zeros([BLOCK_N, BLOCK_V], dtype=acc_dtype)
     for k0 in range(0, H, BLOCK_H):
-        ks = k0 + tl.arange(0, BLOCK_H)
+        ks = (k0 + tl.arange(0, BLOCK_H)).to(rows.dtype)  # int64 with INDEX64: ks·stride can pass 2³¹ too
         k_mask = ks < H
         h = tl.load(hidden_ptr + rows[:, None] * stride_hn + ks[None, :] * stride_hk,
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
@@ -146,14 +146,14 @@ def _logprobs_fwd_kernel(
     zmean_ptr,     # [N] out, written only if WITH_ZMEAN: (1/V) Σ_v x_v
     N, V, H,
     stride_hn, stride_hk, stride_wv, stride_wk,
-    softcap,       # float, used only if SOFTCAP
-    inv_temp,      # float, 1/temperature
+    scalars_ptr,   # [3] fp32 (fp64): softcap (read if SOFTCAP), 1/temperature, grad_filter_eps (`_scalars`)
     N_BUCKET,      # next_power_of_2(N): only an autotune key
     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr, WITH_ZMEAN: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, INDEX64: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     acc_dtype: tl.constexpr = lse_ptr.dtype.element_ty
+    softcap, inv_temp = tl.load(scalars_ptr), tl.load(scalars_ptr + 1)
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64 if INDEX64 else tl.int32)
     row_mask = rows < N
     target = tl.load(targets_ptr + rows, mask=row_mask, other=-1).to(tl.int32)
@@ -212,7 +212,7 @@ def _push_grad_tile(dz, rows, cols, row_mask, col_mask, hidden_ptr, weight_ptr, 
     grad_hidden[n] += Σ_v dZ[n, v]·W[v],  grad_weight[v] += Σ_n dZ[n, v]·h[n],  grad_bias[v] += Σ_n dZ[n, v]."""
     acc_dtype: tl.constexpr = dz.dtype
     if NEED_DB:
-        tl.atomic_add(grad_bias_ptr + cols, tl.sum(dz, axis=0), mask=col_mask)
+        tl.atomic_add(grad_bias_ptr + cols, tl.sum(dz, axis=0), mask=col_mask, sem="relaxed")
     if NEED_DH or NEED_DW:
         # Tensor-core operand: dZ in the input dtype (what PyTorch's own backward feeds its
         # matmuls); accumulation stays fp32.
@@ -221,7 +221,7 @@ def _push_grad_tile(dz, rows, cols, row_mask, col_mask, hidden_ptr, weight_ptr, 
         else:
             dz_op = dz.to(hidden_ptr.dtype.element_ty)
         for k0 in range(0, H, BLOCK_H):
-            ks = k0 + tl.arange(0, BLOCK_H)
+            ks = (k0 + tl.arange(0, BLOCK_H)).to(rows.dtype)
             k_mask = ks < H
             if NEED_DH:
                 w = tl.load(weight_ptr + cols[:, None] * stride_wv + ks[None, :] * stride_wk,
@@ -230,7 +230,7 @@ def _push_grad_tile(dz, rows, cols, row_mask, col_mask, hidden_ptr, weight_ptr, 
                     w = w.to(tl.float32)
                 dh = tl.dot(dz_op, w, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
                 tl.atomic_add(grad_hidden_ptr + rows[:, None] * H + ks[None, :], dh,
-                              mask=row_mask[:, None] & k_mask[None, :])
+                              mask=row_mask[:, None] & k_mask[None, :], sem="relaxed")
             if NEED_DW:
                 h = tl.load(hidden_ptr + rows[:, None] * stride_hn + ks[None, :] * stride_hk,
                             mask=row_mask[:, None] & k_mask[None, :], other=0.0)
@@ -238,7 +238,7 @@ def _push_grad_tile(dz, rows, cols, row_mask, col_mask, hidden_ptr, weight_ptr, 
                     h = h.to(tl.float32)
                 dw = tl.dot(tl.trans(dz_op), h, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
                 tl.atomic_add(grad_weight_ptr + cols[:, None] * H + ks[None, :], dw,
-                              mask=col_mask[:, None] & k_mask[None, :])
+                              mask=col_mask[:, None] & k_mask[None, :], sem="relaxed")
 
 
 @triton.jit
@@ -258,15 +258,15 @@ def _logprobs_bwd_kernel(
     grad_bias_ptr,    # [V] fp32 (fp64), zero-initialised; += Σ_n dZ              if NEED_DB
     N, V, H,
     stride_hn, stride_hk, stride_wv, stride_wk,
-    softcap, inv_temp,
+    scalars_ptr,   # [3] fp32 (fp64): softcap (read if SOFTCAP), 1/temperature, grad_filter_eps (if FILTER)
     N_BUCKET,      # next_power_of_2(N): only an autotune key
-    filter_eps,    # read only if FILTER
     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, G_ENTROPY: tl.constexpr, G_ZMEAN: tl.constexpr,
     NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, FILTER: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, INDEX64: tl.constexpr, GROUP_N: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     acc_dtype: tl.constexpr = lse_ptr.dtype.element_ty
+    softcap, inv_temp = tl.load(scalars_ptr), tl.load(scalars_ptr + 1)
     # Grouped order: GROUP_N token blocks sweep the vocab together, so a weight tile is read
     # from DRAM once per group rather than once per token block.
     pid = tl.program_id(0)
@@ -319,7 +319,7 @@ def _logprobs_bwd_kernel(
     dz = tl.where(tile_mask, dz, 0.0)
 
     if FILTER:  # grad_filter_eps: a tile whose every |dL/dz| is below eps skips its products
-        push = tl.max(tl.max(tl.abs(dz), axis=1), axis=0) >= filter_eps
+        push = tl.max(tl.max(tl.abs(dz), axis=1), axis=0) >= tl.load(scalars_ptr + 2)
     else:
         push = True
     if push:
@@ -361,11 +361,18 @@ def _needs_int64_offsets(*operands: torch.Tensor) -> bool:
     return far > 2**31
 
 
+def _scalars(values, hidden: torch.Tensor) -> torch.Tensor:
+    """The kernels' float options as a tensor in the accumulation dtype: a Python float argument
+    reaches a compiled kernel as fp32, which would round them for fp64 inputs."""
+    return torch.tensor(values, dtype=_acc_dtype(hidden.dtype), device=hidden.device)
+
+
 def _common_args(hidden, weight, opts: LogitOptions):
     n, h = hidden.shape
     v = weight.shape[0]
-    return (n, v, h, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-            1.0 if opts.softcap is None else opts.softcap, 1.0 / opts.temperature,
+    scalars = _scalars([1.0 if opts.softcap is None else opts.softcap, 1.0 / opts.temperature,
+                        opts.grad_filter_eps or 0.0], hidden)
+    return (n, v, h, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), scalars,
             triton.next_power_of_2(max(n, 1)))
 
 
@@ -433,13 +440,15 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             return g.contiguous()
 
         lse_c = lse.contiguous()
-        args = (hidden, weight, bias.contiguous() if bias is not None else lse_c, targets.contiguous(), lse_c,
-                entropy.contiguous() if g_ent is not None else lse_c,
+        # Pointers that are never read or written; the gradients' own: autotuning zeroes them.
+        unread, unwritten = lse_c, torch.empty(1, dtype=dtype, device=device)
+        args = (hidden, weight, bias.contiguous() if bias is not None else unread, targets.contiguous(), lse_c,
+                entropy.contiguous() if g_ent is not None else unread,
                 row_vector(g_lp), row_vector(g_lse),
-                g_ent.contiguous() if g_ent is not None else lse_c,
-                g_zm.contiguous() if g_zm is not None else lse_c,
-                *(g if g is not None else lse_c for g in (gh, gw, gb)),
-                *_common_args(hidden, weight, opts), float(opts.grad_filter_eps or 0.0))
+                g_ent.contiguous() if g_ent is not None else unread,
+                g_zm.contiguous() if g_zm is not None else unread,
+                *(g if g is not None else unwritten for g in (gh, gw, gb)),
+                *_common_args(hidden, weight, opts))
         flags = dict(HAS_BIAS=bias is not None, SOFTCAP=opts.softcap is not None, G_ENTROPY=g_ent is not None,
                      G_ZMEAN=g_zm is not None, NEED_DH=bool(need_h), NEED_DW=bool(need_w), NEED_DB=need_b,
                      FILTER=opts.grad_filter_eps is not None, **_flags(hidden, weight))

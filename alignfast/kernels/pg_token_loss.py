@@ -13,6 +13,9 @@ BLOCK = 1024
 
 # Bits of the `flags` output (same values as csrc/pg_token_loss.h and alignfast.losses.pg_token).
 CLIPPED, CLIP_LOW, CLIP_HIGH, DUAL_CLIPPED = 1, 2, 4, 8
+# The kernel's copies: a compiled kernel reads only constexpr globals (the interpreter reads any).
+_CLIPPED, _CLIP_LOW, _CLIP_HIGH, _DUAL_CLIPPED = (tl.constexpr(b) for b in (CLIPPED, CLIP_LOW, CLIP_HIGH,
+                                                                           DUAL_CLIPPED))
 KL_CODES = {None: 0, "k1": 1, "k2": 2, "k3": 3}
 
 
@@ -96,15 +99,15 @@ def _pg_token_loss_kernel(
     is_clipped = clipped > unclipped
     loss = tl.where(is_clipped, clipped, unclipped)
     dloss = tl.where(is_clipped, zero, unclipped * dlr)
-    flags = (is_clipped.to(tl.int32) * CLIPPED
-             | ((ratio < lo) & (adv < 0)).to(tl.int32) * CLIP_LOW
-             | ((ratio > hi) & (adv > 0)).to(tl.int32) * CLIP_HIGH)
+    flags = (is_clipped.to(tl.int32) * _CLIPPED
+             | ((ratio < lo) & (adv < 0)).to(tl.int32) * _CLIP_LOW
+             | ((ratio > hi) & (adv > 0)).to(tl.int32) * _CLIP_HIGH)
     if DUAL_CLIP:
         floor = -adv * tl.load(coef_ptr + 2)
         dual = (adv < 0) & (loss > floor)
         loss = tl.where(dual, floor, loss)
         dloss = tl.where(dual, zero, dloss)
-        flags = flags | dual.to(tl.int32) * DUAL_CLIPPED
+        flags = flags | dual.to(tl.int32) * _DUAL_CLIPPED
     approx_kl = _expm1(log_ratio) - log_ratio
 
     if HAS_REF:

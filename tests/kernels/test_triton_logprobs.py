@@ -250,3 +250,73 @@ def test_offsets_past_2_31_elements(operand):
     assert not K._flags(hidden, weight)["INDEX64"]
     st, grads = kernels(far["hidden"], far["weight"], bias, targets, opts, upstream)
     check(st, grads, *exact(hidden, weight, bias, targets, opts, upstream), opts)
+
+
+def test_offsets_past_2_31_elements_along_h():
+    """A transposed operand (unit row stride, a huge stride along H): (H−1)·stride ≥ 2³¹ needs the H
+    index in int64 too, not only rows and columns."""
+    (hidden, weight, bias), targets, upstream = make_inputs(3, 16, 300, seed=10)
+    opts = LogitOptions(backend="triton", **ALL_ON)
+    stride = 2**31 // (weight.shape[1] - 1) + 16
+    base = torch.empty((weight.shape[1] - 1) * stride + weight.shape[0], dtype=weight.dtype, device=DEVICE)
+    far = base.as_strided(weight.shape, (1, stride)).copy_(weight)
+    assert K._flags(hidden, far)["INDEX64"]
+    st, grads = kernels(hidden, far, bias, targets, opts, upstream)
+    check(st, grads, *exact(hidden, weight, bias, targets, opts, upstream), opts)
+
+
+def test_float_options_reach_the_kernels_in_the_accumulation_dtype():
+    """A Python float kernel argument is compiled as fp32: softcap, 1/temperature and the filter eps
+    go in a tensor of the accumulation dtype instead, so fp64 inputs stay exact on a GPU too."""
+    from alignfast.kernels import kl as KL
+    from alignfast.ops.kl import KLOptions
+
+    h = torch.randn(4, 8, dtype=torch.float64)
+    args = K._common_args(h, h, LogitOptions(backend="triton", temperature=0.7, softcap=3.0, grad_filter_eps=1e-9))
+    kl_args = KL._common_args(h, h, h, h, KLOptions(temperature=0.7))
+    for a in (*args, *kl_args):
+        assert not isinstance(a, float)
+    assert args[7].dtype == kl_args[12].dtype == torch.float64
+    assert args[7].tolist() == [3.0, 1 / 0.7, 1e-9] and kl_args[12].tolist() == [1 / 0.7]
+
+
+@pytest.mark.parametrize("op", ["logprobs", "kl"])
+def test_autotuning_keeps_the_forward_statistics(op, monkeypatch):
+    """ALIGNFAST_AUTOTUNE=1 zeroes the gradients before each benchmarked run: an unneeded gradient's
+    pointer must not alias the saved lse (it did: lse became 0 and every gradient was wrong)."""
+    from triton.runtime import autotuner
+
+    from alignfast.kernels import kl as KL
+    from alignfast.ops.kl import KLOptions, reference_kl
+
+    def bench_once(self):  # the interpreter has no GPU timer: run each config once, the first is fastest
+        calls = []
+
+        def bench(fn, quantiles=None, **kw):
+            fn()
+            calls.append(1)
+            return [float(len(calls))] * 3
+        return bench
+
+    monkeypatch.setattr(autotuner.Autotuner, "do_bench", property(bench_once))
+    monkeypatch.setattr(K, "autotune_enabled", lambda: True)
+    monkeypatch.setattr(KL, "autotune_enabled", lambda: True)
+    (hidden, weight, _), targets, upstream = make_inputs(6, 16, 40, seed=11)
+    needs = (True, True, False)  # no bias: its gradient pointer is a stand-in
+    if op == "logprobs":
+        opts = LogitOptions(backend="triton")
+        st, grads = kernels(hidden, weight, None, targets, opts, [upstream[0], None, None, None], needs)
+        ref_st, ref_grads = exact(hidden, weight, None, targets, opts, [upstream[0], None, None, None])
+        assert_close(st.lse, ref_st.lse, rtol=1e-5, name="lse")
+    else:
+        ref_h, ref_w = torch.randn(6, 16, dtype=torch.float64).float(), weight.flip(0)
+        opts = KLOptions()
+        stats = KL.forward(hidden, weight, None, ref_h, ref_w, None, opts)
+        lse = stats.lse.clone()
+        grads = KL.backward(hidden, weight, None, ref_h, ref_w, None, stats, upstream[0].float(), opts, needs)
+        assert torch.equal(stats.lse, lse)
+        leaves = [t.double().requires_grad_() for t in (hidden, weight)]
+        kl = reference_kl(*leaves[:2], None, ref_h.double(), ref_w.double(), None, opts)
+        ref_grads = torch.autograd.grad((kl * upstream[0]).sum(), leaves)
+    for name, a, e in zip(("grad_hidden", "grad_weight"), grads, ref_grads):
+        assert_close(a, e, rtol=1e-5, name=name)
