@@ -4,9 +4,13 @@ Most models use the plain projection `logits = hidden @ W.T (+ b)`. A few post-p
 `*ForCausalLM.forward`, after the `lm_head` and outside the backbone; those steps are what the
 fused losses must reproduce. Each is read from a config attribute:
 
-    softcap:        logits = c·tanh(logits / c)          (Gemma 2/3, VaultGemma, nanochat)
-    scale:          logits = logits · s                  (Cohere's `logit_scale`)
-    inverse_scale:  logits = logits / s                  (Granite's `logits_scaling`)
+    softcap:        logits = c·tanh(logits / c)          (Gemma 2/3, VaultGemma, nanochat, xLSTM)
+    scale:          logits = logits · s                  (Cohere's `logit_scale`, Falcon-H1, HyperCLOVA X)
+    inverse_scale:  logits = logits / s                  (Granite's `logits_scaling`; Inkling divides the
+                                                          hidden states, the same for a bias-free head)
+    vocab:          logits = logits[..., :n]             (Inkling's `unpadded_vocab_size`)
+
+A model whose post-processing the fused ops cannot express is marked `unsupported`, with the reason.
 
 Everything that happens *before* the `lm_head` (Gemma's √H embedding scale, final norms) is the
 backbone's business and needs no entry. Entries were read from the modeling files of
@@ -29,6 +33,8 @@ class HeadQuirk:
     softcap: str | None = None
     scale: str | None = None
     inverse_scale: str | None = None
+    vocab: str | None = None        # the first n rows of the head are the vocabulary
+    unsupported: str | None = None  # why the fused ops cannot reproduce this model's logits
 
 
 PLAIN = HeadQuirk()
@@ -40,12 +46,21 @@ _GRANITE_SCALE = HeadQuirk(inverse_scale="logits_scaling")
 QUIRKS: dict[str, HeadQuirk] = {
     **dict.fromkeys(("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma",
                      "phi", "phi3", "gpt2", "gpt_neox", "gptj", "gpt_bigcode", "falcon", "bloom", "opt",
-                     "olmo", "olmo2", "stablelm", "starcoder2"), PLAIN),
+                     "olmo", "olmo2", "stablelm", "starcoder2",
+                     "mpt"), PLAIN),  # MPT's config has a `logit_scale` its forward never applies
     # Gemma 3's multimodal `Gemma3ForConditionalGeneration` applies no softcap in its forward.
     "gemma3": PLAIN,
-    **dict.fromkeys(("gemma2", "gemma3_text", "vaultgemma", "nanochat"), _GEMMA_SOFTCAP),
+    **dict.fromkeys(("gemma2", "gemma3_text", "vaultgemma", "nanochat", "inkling2_text", "inkling2",
+                     "inkling2_loop_text", "inkling2_loop"), _GEMMA_SOFTCAP),
+    "xlstm": HeadQuirk(softcap="output_logit_soft_cap"),
     "recurrent_gemma": HeadQuirk(softcap="logits_soft_cap"),
     **dict.fromkeys(("cohere", "cohere2", "cohere2_moe"), _COHERE_SCALE),
+    "falcon_h1": HeadQuirk(scale="lm_head_multiplier"),
+    # HyperCLOVA X multiplies by `logits_scaling`, the attribute Granite divides by
+    **dict.fromkeys(("hyperclovax", "hyperclovax_vision_v2"), HeadQuirk(scale="logits_scaling")),
+    **dict.fromkeys(("inkling_text", "inkling_mm_model"),
+                    HeadQuirk(inverse_scale="logits_mup_width_multiplier", vocab="unpadded_vocab_size")),
+    "chameleon": HeadQuirk(unsupported="it sets the image tokens' logits to the dtype's minimum before its loss"),
     **dict.fromkeys(("granite", "granite_swa", "granitemoe", "granitemoe_swa", "granitemoeshared",
                      "granitemoehybrid"), _GRANITE_SCALE),
 }
@@ -54,8 +69,10 @@ QUIRKS: dict[str, HeadQuirk] = {
 _KNOWN_KEYS = {
     "final_logit_softcapping": "softcap",
     "logits_soft_cap": "softcap",
+    "output_logit_soft_cap": "softcap",
     "logit_scale": "scale",
     "output_multiplier": "scale",
+    "lm_head_multiplier": "scale",
     "logits_scaling": "inverse_scale",
 }
 _warned: set[str] = set()
@@ -78,16 +95,21 @@ def head_quirk(config) -> HeadQuirk:
     return HeadQuirk(**found)
 
 
-def head_constants(config) -> tuple[float | None, float]:
-    """(softcap, scale) of `config`'s model: logits = softcap·tanh(scale·(h·W + b) / softcap)."""
+def head_constants(config) -> tuple[float | None, float, int | None]:
+    """(softcap, scale, vocab) of `config`'s model: logits = softcap·tanh(scale·(h·W + b) / softcap) over
+    the first `vocab` rows of the head (None: all of them)."""
     quirk, text = head_quirk(config), _text_config(config)
+    if quirk.unsupported:
+        raise NotImplementedError(f"alignfast cannot fuse the head of model_type "
+                                  f"{getattr(config, 'model_type', None)!r}: {quirk.unsupported}")
     softcap = _read(text, quirk.softcap)
     scale = 1.0
     if quirk.scale is not None and _read(text, quirk.scale) is not None:
         scale *= _read(text, quirk.scale)
     if quirk.inverse_scale is not None and _read(text, quirk.inverse_scale) is not None:
         scale /= _read(text, quirk.inverse_scale)
-    return softcap, scale
+    vocab = _read(text, quirk.vocab)
+    return softcap, scale, None if vocab is None else int(vocab)
 
 
 def _text_config(config):
@@ -99,4 +121,10 @@ def _read(config, key: str | None) -> float | None:
     if key is None:
         return None
     value = getattr(config, key, None)
-    return None if value is None else float(value)
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise NotImplementedError(f"config.{key}={value!r} is not a number; alignfast cannot apply it to the "
+                                  f"logits") from None

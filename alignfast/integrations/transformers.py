@@ -84,8 +84,11 @@ def output_head(model: nn.Module) -> OutputHead:
         raise NotImplementedError(f"unsupported output head {type(head).__name__}: expected a Linear-like "
                                   f"module with a [vocab, hidden] weight")
     bias = getattr(head, "bias", None)
-    softcap, scale = head_constants(model.config)
-    return OutputHead(weight, bias if isinstance(bias, torch.Tensor) else None, softcap, scale)
+    bias = bias if isinstance(bias, torch.Tensor) else None
+    softcap, scale, vocab = head_constants(model.config)
+    if vocab is not None and vocab < weight.shape[0]:  # padded head rows outside the vocabulary
+        weight, bias = weight[:vocab], None if bias is None else bias[:vocab]
+    return OutputHead(weight, bias, softcap, scale)
 
 
 def backbone(model: nn.Module) -> nn.Module:
@@ -233,10 +236,14 @@ def _fused_forward(model, *args, **kwargs):
                           **model.__dict__[_STATE].loss_options)
     aux_loss = None
     if wants_router and call["output_router_logits"]:
-        aux_loss = _router_aux_loss(model, out, call.get("attention_mask"))
-        loss = loss + model.router_aux_loss_coef * aux_loss.to(loss.device)
+        aux_loss, coef = _router_aux_loss(model, out, call.get("attention_mask"))
+        loss = loss + coef * aux_loss.to(loss.device)
     output = _causal_lm_output(out, loss, aux_loss)
-    return output if return_dict is not False else output.to_tuple()
+    if return_dict is not False:
+        return output
+    # the model's own tuple, with None in the logits slot (`to_tuple` would drop it and shift the rest)
+    return tuple(getattr(output, name) for name in output.__dataclass_fields__
+                 if name == "logits" or getattr(output, name) is not None)
 
 
 def _named_arguments(fn, args, kwargs) -> dict:
@@ -285,16 +292,19 @@ def _slice_to_keep(hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:
 
 
 def _router_aux_loss(model, out, attention_mask):
-    """The MoE load-balancing loss, from the model's own module (`load_balancing_loss_func`)."""
+    """(the MoE load-balancing loss, its coefficient), from the model's own module
+    (`load_balancing_loss_func`, called as Mixtral's: router logits, experts, top-k, attention mask)."""
     fn = getattr(sys.modules[type(model).__module__], "load_balancing_loss_func", None)
     router_logits = getattr(out, "router_logits", None)
     text = model.config.get_text_config()
     experts = getattr(model, "num_experts", None) or getattr(text, "num_local_experts", None)
     top_k = getattr(model, "num_experts_per_tok", None) or getattr(text, "num_experts_per_tok", None)
-    if fn is None or router_logits is None or experts is None or top_k is None:
+    coef = next((getattr(model, k) for k in ("router_aux_loss_coef", "aux_loss_coef") if hasattr(model, k)), None)
+    mixtral_like = fn is not None and list(inspect.signature(fn).parameters)[1:3] == ["num_experts", "top_k"]
+    if not mixtral_like or router_logits is None or experts is None or top_k is None or coef is None:
         raise NotImplementedError(f"alignfast: the router aux loss of {type(model).__name__} is not "
                                   f"supported; set output_router_logits=False")
-    return fn(router_logits, experts, top_k, attention_mask)
+    return fn(router_logits, experts, top_k, attention_mask), coef
 
 
 def _causal_lm_output(out, loss, aux_loss):

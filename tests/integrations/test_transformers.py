@@ -42,7 +42,18 @@ ARCHS = {
     "granite-scale": ("GraniteConfig", "GraniteForCausalLM", dict(logits_scaling=0.6)),
     "mixtral-router": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2,
                                                                    output_router_logits=True)),
+    "falcon_h1-multiplier": ("FalconH1Config", "FalconH1ForCausalLM",
+                             dict(lm_head_multiplier=2.5, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8,
+                                  mamba_d_state=8, mamba_n_groups=1, mamba_chunk_size=4)),
+    "hyperclovax-scale": ("HyperCLOVAXConfig", "HyperCLOVAXForCausalLM", dict(logits_scaling=2.5)),
+    # divides the hidden states by logits_mup_width_multiplier, keeps the first unpadded_vocab_size logits
+    "inkling-unpadded": ("InklingTextConfig", "InklingForCausalLM",
+                         dict(head_dim=8, num_attention_heads=4, swa_num_attention_heads=4, swa_num_key_value_heads=2,
+                              swa_head_dim=8, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
+                              n_shared_experts=1, mlp_layer_types=["dense"], logits_mup_width_multiplier=3.0,
+                              unpadded_vocab_size=V - 11)),
 }
+LABEL_VOCAB = {"inkling-unpadded": V - 11}  # targets must lie in the vocabulary the model keeps
 
 
 @functools.lru_cache(maxsize=None)
@@ -61,9 +72,9 @@ def tiny(name):
     return copy.deepcopy(_fresh(name))
 
 
-def batch(padded=True, seed=1):
+def batch(padded=True, seed=1, vocab=V):
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, V, (B, T), generator=g)
+    ids = torch.randint(0, vocab, (B, T), generator=g)
     mask = torch.ones_like(ids)
     if padded:
         mask[1, :3] = 0  # left padding
@@ -91,7 +102,7 @@ def assert_same(fused, ref, name):
 
 @pytest.mark.parametrize("name", list(ARCHS))
 def test_loss_and_grads_match_the_models_own(name):
-    model, inputs = tiny(name), batch()
+    model, inputs = tiny(name), batch(vocab=LABEL_VOCAB.get(name, V))
     ref = loss_and_grads(model, **inputs)
     ait.apply(model)
     fused = loss_and_grads(model, **inputs)
@@ -108,10 +119,47 @@ def test_loss_and_grads_match_the_models_own(name):
 
 @pytest.mark.parametrize("name, softcap, scale", [
     ("gemma2-softcap", 0.7, 1.0), ("gemma3-softcap", 0.7, 1.0), ("cohere-scale", None, 1.7),
-    ("granite-scale", None, 1 / 0.6), ("llama", None, 1.0)])
+    ("granite-scale", None, 1 / 0.6), ("llama", None, 1.0), ("falcon_h1-multiplier", None, 2.5),
+    ("hyperclovax-scale", None, 2.5), ("inkling-unpadded", None, 1 / 3.0)])
 def test_output_head_reads_the_quirks_table(name, softcap, scale):
     head = ait.output_head(tiny(name))
     assert head.softcap == softcap and head.scale == pytest.approx(scale)
+    assert head.weight.shape[0] == LABEL_VOCAB.get(name, V)
+
+
+def test_heads_the_fused_ops_cannot_express_are_refused():
+    """Chameleon masks its image tokens' logits; xLSTM's softcap and MPT's unused logit_scale are read
+    from the table (the config alone would mislead: MPT never applies its logit_scale)."""
+    from alignfast.integrations.model_quirks import head_constants
+
+    with pytest.raises(NotImplementedError, match="image tokens"):
+        head_constants(transformers.ChameleonConfig(vocab_size=V))
+    assert head_constants(transformers.xLSTMConfig(output_logit_soft_cap=2.0)) == (2.0, 1.0, None)
+    assert head_constants(transformers.MptConfig(logit_scale="inv_sqrt_d_model")) == (None, 1.0, None)
+
+
+@pytest.mark.parametrize("cls", ["DogeConfig", "JetMoeConfig"])
+def test_router_aux_losses_of_other_conventions(cls):
+    """JetMoE's aux loss is Mixtral's under another coefficient name (supported); Doge's function takes
+    other arguments (a clear NotImplementedError, not a TypeError from inside it)."""
+    kw = dict(vocab_size=V, hidden_size=H, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+              output_router_logits=True)
+    if cls == "DogeConfig":
+        kw.update(is_moe=True, num_experts=4, num_experts_per_tok=2, num_key_value_heads=2)
+    else:
+        kw.update(num_local_experts=4, num_experts_per_tok=2, kv_channels=16, num_key_value_heads=2)
+    config = getattr(transformers, cls)(**kw)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    inputs = batch()
+    ref = loss_and_grads(model, **inputs)
+    ait.apply(model)
+    if cls == "DogeConfig":
+        with pytest.raises(NotImplementedError, match="router aux loss"):
+            model(**inputs)
+    else:
+        assert_same(loss_and_grads(model, **inputs), ref, cls)
 
 
 @pytest.mark.parametrize("name", ["llama-tied", "gpt2", "gemma2-softcap"])
@@ -171,7 +219,9 @@ def test_positional_arguments_return_dict_and_signature():
     out = model(inputs["input_ids"], None, inputs["attention_mask"], labels=inputs["labels"])
     assert_close(out.loss, ref, rtol=RTOL, name="positional")
     as_tuple = model(**inputs, return_dict=False)
-    assert isinstance(as_tuple, tuple)
+    assert isinstance(as_tuple, tuple) and as_tuple[1] is None  # the logits slot stays: out[2] is the cache
+    assert len(as_tuple) == len(ait.revert(model)(**inputs, return_dict=False))
+    ait.apply(model)
     assert_close(as_tuple[0], ref, rtol=RTOL, name="tuple")
     params = inspect.signature(model.forward).parameters  # what transformers.Trainer inspects
     assert "labels" in params and "input_ids" in params and "self" not in params
