@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from alignfast.data.encode import truncate
+
 IGNORE_INDEX = -100
 
 
@@ -60,8 +62,8 @@ class UnpairedCollator:
     completion of example i-1 (mod B), as TRL builds its KL dataset, or the example's own
     `kl_completion_ids` when it has one."""
 
-    def __init__(self, pad_token_id: int, with_kl: bool = True):
-        self.pad_token_id, self.with_kl = pad_token_id, with_kl
+    def __init__(self, pad_token_id: int, with_kl: bool = True, max_length: int | None = None):
+        self.pad_token_id, self.with_kl, self.max_length = pad_token_id, with_kl, max_length
 
     def __call__(self, examples):
         prompts = [e["prompt_ids"] for e in examples]
@@ -73,7 +75,9 @@ class UnpairedCollator:
                 shifted = [e["kl_completion_ids"] for e in examples]
             else:
                 shifted = completions[-1:] + completions[:-1]
-            kl = encode_rows(prompts, shifted, self.pad_token_id)
+            # prompt i with another completion: kept within max_length as every row is
+            kl_rows = [truncate(p, c, self.max_length) for p, c in zip(prompts, shifted)]
+            kl = encode_rows([p for p, _ in kl_rows], [c for _, c in kl_rows], self.pad_token_id)
             batch.update({f"kl_{k}": v for k, v in kl.items()})
         for key in ("ref_logps", "ref_kl_logps"):
             if all(key in e for e in examples):

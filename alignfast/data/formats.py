@@ -9,7 +9,8 @@
 |            | are passed to reward functions as they are)           |
 
 Each text column is either a string ("standard" format) or a list of {"role", "content"} messages
-("conversational" format, rendered with the tokenizer's chat template). An implicit prompt (a
+("conversational" format, rendered with the tokenizer's chat template; an assistant message may
+carry "tool_calls" instead of content). An implicit prompt (a
 preference record without `prompt` whose chosen/rejected are conversations sharing a prefix) is
 not supported: give the prompt explicitly.
 """
@@ -21,7 +22,7 @@ KINDS = {
     "unpaired": (("prompt", "completion", "label"),),
     "prompt": (("prompt",),),
 }
-ROLES = ("system", "user", "assistant", "tool")
+ROLES = ("system", "developer", "user", "assistant", "tool", "ipython")
 
 
 class BadRecord(ValueError):
@@ -33,12 +34,17 @@ def is_conversational(value) -> bool:
 
 
 def _check_messages(name: str, value, *, require_nonempty: bool) -> None:
+    if not isinstance(value, list):
+        raise BadRecord(f"column {name!r} must be a list of messages, got {type(value).__name__}")
     if not value and require_nonempty:
         raise BadRecord(f"column {name!r} is an empty conversation")
     for i, m in enumerate(value):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise BadRecord(f"column {name!r}: message {i} must be a dict with str 'role' and 'content', "
-                            f"got {m!r:.80}")
+        # an assistant message may carry tool calls instead of text
+        content_ok = isinstance(m, dict) and (isinstance(m.get("content"), str) or (
+            m.get("content") is None and m.get("role") == "assistant" and bool(m.get("tool_calls"))))
+        if not content_ok or not isinstance(m.get("role"), str):
+            raise BadRecord(f"column {name!r}: message {i} must be a dict with str 'role' and 'content' (or an "
+                            f"assistant's 'tool_calls'), got {m!r:.80}")
         if m["role"] not in ROLES:
             raise BadRecord(f"column {name!r}: message {i} has unknown role {m['role']!r}")
 

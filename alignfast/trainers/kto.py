@@ -75,7 +75,8 @@ class KTOTrainer(Trainer):
     data_kind = "unpaired"
 
     def build_collator(self):
-        return UnpairedCollator(self.tokenizer.pad_token_id, with_kl=self.cfg.loss_type == "kto")
+        return UnpairedCollator(self.tokenizer.pad_token_id, with_kl=self.cfg.loss_type == "kto",
+                                max_length=self.cfg.max_length)
 
     def setup(self):
         for data in (self.train_data, self.eval_data):  # fixed mismatched partners: example i-1's completion
