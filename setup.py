@@ -46,7 +46,10 @@ def native_extensions():
         ext = cpp_extension.CUDAExtension(
             "alignfast._C", cpp_sources + cuda_sources,
             extra_compile_args={"cxx": cxx_flags + ["-DALIGNFAST_WITH_CUDA"],
-                                "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]},
+                                # no --use_fast_math: it turns tanhf (the softcap) into tanh.approx
+                                # (~1e-5 relative) and logf into __logf; the kernels call __expf where
+                                # the fast exponential is meant. csrc/check_cuda.sh compiles the same way.
+                                "nvcc": ["-O3", "-std=c++17"]},
             extra_link_args=["-fopenmp"])
     else:
         ext = cpp_extension.CppExtension("alignfast._C", cpp_sources,

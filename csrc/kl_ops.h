@@ -24,7 +24,8 @@ inline void check_kl_blocks(const at::Tensor& z, const at::Tensor& z_ref, double
               z_ref.device());
   TORCH_CHECK(z_ref.size(1) == 1 || z_ref.stride(1) == 1,
               "z_ref must be contiguous along V (stride(1) == 1), got strides ", z_ref.strides());
-  TORCH_CHECK(temperature > 0, "temperature must be > 0, got ", temperature);
+  TORCH_CHECK(temperature > 0 && std::isfinite(1.0 / temperature), "temperature must be > 0 with a finite "
+              "reciprocal, got ", temperature);
 }
 
 // stats: (kl, lse, ref_lse), each [rows] in z's dtype. `launch` gets a KLStatsParams<float|double>.
@@ -62,6 +63,7 @@ void kl_grad_(at::Tensor& z, const at::Tensor& z_ref, const at::Tensor& lse_in, 
               const at::Tensor& kl_in, const at::Tensor& g_in, double temperature, bool reverse,
               c10::DeviceType device_type, Launch&& launch) {
   check_kl_blocks(z, z_ref, temperature, device_type);
+  at::assert_no_internal_overlap(z);  // written in place: rows sharing memory would race
   const at::Tensor lse = *checked_row_vector(lse_in, "lse", z);
   const at::Tensor ref_lse = *checked_row_vector(ref_lse_in, "ref_lse", z);
   const at::Tensor kl = *checked_row_vector(kl_in, "kl", z);

@@ -5,7 +5,9 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 
+#include <cmath>
 #include <optional>
 #include <tuple>
 
@@ -54,8 +56,10 @@ inline void check_block(const at::Tensor& z, const at::Tensor& targets, double t
   TORCH_CHECK(targets.scalar_type() == at::kLong, "targets must be int64, got ", targets.scalar_type());
   AF_CHECK_DEVICE(targets, z.device());
   AF_CHECK_ROWS(targets, z.size(0));
-  TORCH_CHECK(temperature > 0, "temperature must be > 0, got ", temperature);
-  TORCH_CHECK(!softcap.has_value() || *softcap > 0, "softcap must be > 0 or None, got ", softcap.value_or(0));
+  TORCH_CHECK(temperature > 0 && std::isfinite(1.0 / temperature), "temperature must be > 0 with a finite "
+              "reciprocal, got ", temperature);
+  TORCH_CHECK(!softcap.has_value() || (*softcap > 0 && std::isfinite(*softcap)),
+              "softcap must be a finite number > 0 or None, got ", softcap.value_or(0));
 }
 
 // Host-side range check of the targets (CPU only: on CUDA it would synchronise).
@@ -92,6 +96,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rows_stats(
     const at::Tensor& z, const at::Tensor& targets_in, double temperature, std::optional<double> softcap,
     bool with_entropy, bool with_zmean, c10::DeviceType device_type, Launch&& launch) {
   check_block(z, targets_in, temperature, softcap, device_type);
+  at::assert_no_internal_overlap(z);  // written in place: rows sharing memory would race
   if (device_type == c10::DeviceType::CPU) check_targets_in_range(targets_in, z.size(1));
   const at::Tensor targets = targets_in.contiguous();
   const int64_t rows = z.size(0);
@@ -124,6 +129,7 @@ void rows_grad_(at::Tensor& z, const at::Tensor& targets_in, const at::Tensor& l
                 const std::optional<at::Tensor>& g_zmean_in, double temperature, std::optional<double> softcap,
                 c10::DeviceType device_type, Launch&& launch) {
   check_block(z, targets_in, temperature, softcap, device_type);
+  at::assert_no_internal_overlap(z);  // written in place: rows sharing memory would race
   if (device_type == c10::DeviceType::CPU) check_targets_in_range(targets_in, z.size(1));
   const at::Tensor targets = targets_in.contiguous();
   const at::Tensor lse = *checked_row_vector(lse_in, "lse", z);

@@ -57,9 +57,10 @@ def naive_logits(hidden, weight, bias, dtype):
     return (hidden.to(dtype) @ weight.to(dtype).t() + bias.to(dtype)).double()
 
 
+@pytest.mark.parametrize("softcap", [None, 3.0], ids=["plain", "softcap"])  # the kernels' own tanh
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_linear_logprobs(backend, dtype):
+def test_linear_logprobs(backend, dtype, softcap):
     dt = DTYPES[dtype]
     hidden, weight, bias = head(seed=1)
     targets = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(2))
@@ -68,7 +69,8 @@ def test_linear_logprobs(backend, dtype):
     valid = targets != -100
 
     def naive(h, w, b, low=torch.float64):
-        x = naive_logits(h, w, b, low) / 0.9
+        x = naive_logits(h, w, b, low)
+        x = (x if softcap is None else softcap * torch.tanh(x / softcap)) / 0.9
         logp = x.log_softmax(-1)
         lp = torch.where(valid, logp.gather(-1, targets.clamp(min=0)[:, None])[:, 0], 0.0)
         ent = torch.where(valid, -(logp.exp() * logp).sum(-1), 0.0)
@@ -83,7 +85,7 @@ def test_linear_logprobs(backend, dtype):
 
     leaves = on_device(dt, hidden, weight, bias)
     out = alignfast.linear_logprobs(leaves[0], leaves[1], targets.to(DEVICE), leaves[2], temperature=0.9,
-                                    return_entropy=True, return_lse=True, backend=backend)
+                                    softcap=softcap, return_entropy=True, return_lse=True, backend=backend)
     got_grads = grads((out.logprobs * g_lp.to(DEVICE)).sum() + (out.entropy * g_ent.to(DEVICE)).sum(), leaves)
     for name, a, e, n in zip(("logprobs", "entropy", "lse"), out, exact, low):
         assert a.dtype == torch.float32 and a.device.type == DEVICE, name

@@ -101,6 +101,8 @@ BAD = {
                   "lse must be 1-D"),
     "g-dtype": (lambda z, r, v: torch.ops.alignfast.kl_rows_grad_(z, r, v, v, v, v.double(), 1.0, False),
                 "g must have z's dtype"),
+    "z-rows-share-memory": (lambda z, r, v: torch.ops.alignfast.kl_rows_grad_(z[:1].expand(4, 50), r, v, v, v, v,
+                                                                               1.0, False), "more than one element"),
 }
 
 
