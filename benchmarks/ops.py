@@ -28,12 +28,13 @@ class Inputs:
 
 
 def head_inputs(n: int, h: int, v: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> Inputs:
-    """hidden [N, H], weight [V, H] (both requiring grad), targets [N] in [0, V), upstream [N] fp32."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    hidden = torch.randn(n, h, generator=g).to(device=device, dtype=dtype).requires_grad_()
-    weight = (torch.randn(v, h, generator=g) / h**0.5).to(device=device, dtype=dtype).requires_grad_()
-    targets = torch.randint(0, v, (n,), generator=g).to(device)
-    upstream = torch.randn(n, generator=g).to(device)
+    """hidden [N, H], weight [V, H] (both requiring grad), targets [N] in [0, V), upstream [N] fp32; drawn on
+    `device` (a GPU case would spend seconds drawing a 128k-row head on the CPU)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g, device=device).to(dtype).requires_grad_()
+    weight = (torch.randn(v, h, generator=g, device=device) / h**0.5).to(dtype).requires_grad_()
+    targets = torch.randint(0, v, (n,), generator=g, device=device)
+    upstream = torch.randn(n, generator=g, device=device)
     return Inputs({"hidden": hidden, "weight": weight, "targets": targets}, upstream, [hidden, weight])
 
 
@@ -61,11 +62,11 @@ def peaked_inputs(n: int, h: int, v: int, dtype: torch.dtype, device: torch.devi
     above 2⁻¹² per token. What gradient filtering is for."""
     inputs = head_inputs(n, h, v, dtype, device, seed)
     weight, targets = inputs.args["weight"], inputs.args["targets"]
-    g = torch.Generator(device="cpu").manual_seed(seed + 2)
+    g = torch.Generator(device=device).manual_seed(seed + 2)
     with torch.no_grad():
         w = weight.float()
         direction = w[targets] / w[targets].norm(dim=1, keepdim=True).square()
-        noise = 2.5 * torch.randn(n, h, generator=g).to(device)
+        noise = 2.5 * torch.randn(n, h, generator=g, device=device)
         hidden = (16.0 * direction + noise - (noise * w[targets]).sum(1, keepdim=True) * direction)
         inputs.args["hidden"] = hidden.to(dtype).requires_grad_()
     inputs.params[0] = inputs.args["hidden"]
@@ -94,18 +95,18 @@ def sequence_inputs(n: int, h: int, v: int, dtype: torch.dtype, device: torch.de
     args = inputs.args
     args["seq_len"] = seq_len
     if reference:
-        g = torch.Generator(device="cpu").manual_seed(seed + 1)
-        args["ref_hidden"] = torch.randn(n, h, generator=g).to(device=device, dtype=dtype)
-        args["ref_weight"] = (torch.randn(v, h, generator=g) / h**0.5).to(device=device, dtype=dtype)
+        g = torch.Generator(device=device).manual_seed(seed + 1)
+        args["ref_hidden"] = torch.randn(n, h, generator=g, device=device).to(dtype)
+        args["ref_weight"] = (torch.randn(v, h, generator=g, device=device) / h**0.5).to(dtype)
     if advantages:
-        g = torch.Generator(device="cpu").manual_seed(seed + 2)
+        g = torch.Generator(device=device).manual_seed(seed + 2)
         with torch.no_grad():   # row blocks: no [N, V] logits here
             logps = torch.cat([naive_logprobs(x, args["weight"], t)
                                for x, t in zip(args["hidden"].split(1024), args["targets"].split(1024))])
-        noise = 0.1 * torch.randn(n, generator=g).to(device)
+        noise = 0.1 * torch.randn(n, generator=g, device=device)
         args["old_logprobs"] = (logps.float() + noise).view(-1, seq_len)
         shape = (n // seq_len, seq_len) if advantages == "token" else (n // seq_len,)
-        args["advantages"] = torch.randn(shape, generator=g).to(device)
+        args["advantages"] = torch.randn(shape, generator=g, device=device)
     if desirable:
         args["desirable"] = torch.arange(n // seq_len, device=device) % 2 == 0
         args["kl"] = 0.5   # z0 given: the KL batch's no-grad forward is left out of every impl
@@ -274,7 +275,8 @@ OPS: dict[str, OpSpec] = {
     # the same on peaked logits with grad_filter_eps: the two gradient products shrink to the vocab
     # columns that matter (fused impls only; naive and floor are the exact computation)
     "cross_entropy_filtered": OpSpec(naive=naive_cross_entropy, fused=filtered_cross_entropy, floor_matmuls=3,
-                                     make_inputs=peaked_inputs),
+                                     make_inputs=peaked_inputs,
+                                     third_party={"cce": third_party.cce_filtered_cross_entropy}),
     # policy: logits, grad_hidden, grad_weight (the gradient is known per pair in the forward);
     # reference: logits only
     "dpo": OpSpec(naive=naive_dpo, fused=fused_dpo, floor_matmuls=4,

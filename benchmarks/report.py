@@ -9,7 +9,7 @@ from pytest_benchmark.stats import Stats
 
 COLUMNS = [
     "suite", "op", "model", "impl", "n", "h", "v", "dtype", "status", "reason",
-    "time_median_s", "time_iqr_s", "rounds", "passes", "time_vs_naive", "time_vs_floor",
+    "time_median_s", "time_iqr_s", "rounds", "passes", "time_vs_naive", "time_vs_floor", "tflops",
     "extra_peak_bytes", "mem_vs_naive", "peak_bytes", "baseline_bytes", "produced_bytes", "workspace_bytes",
     "mem_method", "timer", "device_type", "device", "cores", "torch_threads", "torch", "cuda", "triton",
     "alignfast", "liger_kernel", "trl", "git_commit", "chunk_bytes_env", "cpp_token_chunks", "timestamp",
@@ -27,8 +27,19 @@ def _ratio(a, b):
     return a / b if a is not None and b not in (None, 0) else None
 
 
+def method_flops(op: str, n: int, h: int, v: int) -> int | None:
+    """The [N,H]x[H,V] products the method needs (the floor's count: 3 when the gradient is known in the
+    forward, 4 with a recompute or a reference model), 2·N·H·V flops each."""
+    from benchmarks.ops import OPS
+
+    spec = OPS.get(op)
+    return None if spec is None else 2 * spec.floor_matmuls * n * h * v
+
+
 def add_ratios(rows: list[dict]) -> None:
-    """time/naive, time/floor, memory/naive: against the rows of the same op, model, shape and dtype."""
+    """time/naive, time/floor, memory/naive: against the rows of the same op, model, shape and dtype;
+    TFLOP/s counting the flops the method needs (so a row's rate over the floor's is 1 / time_vs_floor,
+    the share of the matmul rate measured in the same run)."""
     def key(r):
         return r["op"], r.get("model", ""), r["n"], r["h"], r["v"], r["dtype"]
     base = {(key(r), r["impl"]): r for r in rows if r["status"] == "ok"}
@@ -38,6 +49,9 @@ def add_ratios(rows: list[dict]) -> None:
         r["time_vs_naive"] = _ratio(r.get("time_median_s"), naive.get("time_median_s")) if ok else None
         r["time_vs_floor"] = _ratio(r.get("time_median_s"), floor.get("time_median_s")) if ok else None
         r["mem_vs_naive"] = _ratio(r.get("extra_peak_bytes"), naive.get("extra_peak_bytes")) if ok else None
+        flops = method_flops(r["op"], r["n"], r["h"], r["v"]) if ok else None
+        rate = _ratio(flops, r.get("time_median_s"))
+        r["tflops"] = None if rate is None else rate / 1e12
 
 
 def write_all(rows: list[dict], out: Path, note: str = "") -> list[Path]:
@@ -88,22 +102,25 @@ def markdown(rows: list[dict], note: str = "", plots: list[str] = ()) -> str:
         "Time: median (IQR) of fwd+bwd rounds"
         + (f", pooled over {passes} interleaved passes (every case once per pass, each in its own process)"
            if passes > 1 else "")
-        + ". Extra peak memory: peak beyond inputs, outputs and gradients.",
+        + ". TFLOP/s: the [N,H]x[H,V] products the method needs (the floor's), over the time."
+        + " Extra peak memory: peak beyond inputs, outputs and gradients (see benchmarks/README.md: naive's"
+        + " is under-counted by its gradients' size, which are not yet allocated at its peak).",
         "Ratios against `naive` and `floor` of this same run.", "",
         *([f"Shapes: {note}.", ""] if note else []),
     ]
     header = (f"| op |{' model |' if models else ''} N | H | V | dtype | impl | time | IQR | rounds | "
-              "time/naive | time/floor | extra peak mem | mem/naive |")
+              "time/naive | time/floor | TFLOP/s | extra peak mem | mem/naive |")
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
         shape = f"| {r['op']} |" + (f" {r.get('model') or ''} |" if models else "")
         shape += f" {r['n']} | {r['h']} | {r['v']} | {r['dtype']} | {r['impl']} | "
         if r["status"] != "ok":
-            lines.append(shape + f"{r['status']}: {(r['reason'] or '').replace('|', '/')[:90]}" + " |" * 7)
+            lines.append(shape + f"{r['status']}: {(r['reason'] or '').replace('|', '/')[:90]}" + " |" * 8)
             continue
         lines.append(
             shape + f"{_fmt_time(r['time_median_s'])} | {_fmt_time(r['time_iqr_s'])} | {r['rounds']} | "
             f"{_fmt_ratio(r['time_vs_naive'])} | {_fmt_ratio(r['time_vs_floor'])} | "
+            f"{'' if r.get('tflops') is None else format(r['tflops'], '.3g')} | "
             f"{_fmt_bytes(r['extra_peak_bytes'])} | {_fmt_ratio(r['mem_vs_naive'])} |")
     if plots:
         lines += ["", "Plots: " + ", ".join(f"[`{name}`]({name})" for name in plots), ""]

@@ -119,15 +119,22 @@ def liger_cpo(hidden, weight, targets, seq_len, beta=0.1):
     return _liger_preference(LigerFusedLinearCPOLoss, hidden, weight, targets, seq_len, beta=beta, alpha=1.0)
 
 
-def cce_cross_entropy(hidden, weight, targets):
-    """Apple's Cut Cross-Entropy."""
+def cce_cross_entropy(hidden, weight, targets, filter_eps=None):
+    """Apple's Cut Cross-Entropy, exact gradients like every other row of its op (its own default,
+    filter_eps="high", skips the backward blocks whose |p − onehot| stays below 2⁻¹²: that is the
+    `cross_entropy_filtered` op's comparison, `cce_filtered_cross_entropy`)."""
     from cut_cross_entropy import linear_cross_entropy
 
-    return linear_cross_entropy(hidden, weight, targets)
+    return linear_cross_entropy(hidden, weight, targets, filter_eps=filter_eps)
+
+
+def cce_filtered_cross_entropy(hidden, weight, targets):
+    """Cut Cross-Entropy with its default gradient filter (the rule alignfast's grad_filter_eps mirrors)."""
+    return cce_cross_entropy(hidden, weight, targets, filter_eps="high")
 
 
 def cce_logprobs(hidden, weight, targets) -> torch.Tensor:
-    """Cut Cross-Entropy per token (reduction="none"), negated into log-probs."""
+    """Cut Cross-Entropy per token (reduction="none", exact gradients), negated into log-probs."""
     from cut_cross_entropy import linear_cross_entropy
 
-    return -linear_cross_entropy(hidden, weight, targets, reduction="none")
+    return -linear_cross_entropy(hidden, weight, targets, reduction="none", filter_eps=None)

@@ -78,3 +78,17 @@ def test_passes_pool_their_rounds():
     skipped = {"status": "skipped", "reason": "no such backend"}
     assert pool_passes([skipped]) == skipped
 
+
+
+def test_tflops_count_the_products_the_method_needs():
+    """6·N·H·V when the gradient is known in the forward, 8·N·H·V with a recompute or a reference: a
+    row's rate over the floor's is 1 / time_vs_floor, the share of the same run's matmul rate."""
+    rows = [_row("linear_cross_entropy", "floor", 1000, 100, 10000, seconds=0.5),
+            _row("linear_cross_entropy", "cpp", 1000, 100, 10000, seconds=0.8),
+            _row("linear_logprobs", "cpp", 1000, 100, 10000, seconds=2.0),
+            {**_row("dpo", "cce", 1000, 100, 10000), "status": "skipped", "reason": "no GPU"}]
+    report.add_ratios(rows)
+    assert rows[0]["tflops"] == pytest.approx(6e9 / 0.5 / 1e12) and rows[1]["tflops"] == pytest.approx(6e9 / 0.8 / 1e12)
+    assert rows[2]["tflops"] == pytest.approx(8e9 / 2.0 / 1e12) and rows[3]["tflops"] is None
+    assert rows[1]["tflops"] / rows[0]["tflops"] == pytest.approx(1 / rows[1]["time_vs_floor"])
+    assert "| TFLOP/s |" in report.markdown(rows)
