@@ -33,7 +33,8 @@ from alignfast.data import load_records, prepare_dataset
 from alignfast.trainers import checkpoint as ckpt
 from alignfast.trainers.config import TrainConfig
 from alignfast.trainers.metrics import MetricsLogger
-from alignfast.trainers.modeling import HiddenStatesModel, apply_peft, load_causal_lm, load_tokenizer
+from alignfast.trainers.modeling import (HiddenStatesModel, apply_peft, disable_dropout, load_causal_lm,
+                                         load_tokenizer)
 from alignfast.trainers.schedule import make_optimizer, make_scheduler
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,8 @@ class Trainer:
         self.train_data, self.eval_data = self._load_data(train_dataset, eval_dataset)
         self.collator = self.build_collator()
         self.model = self.build_model(model)
+        if getattr(self.cfg, "disable_dropout", False):  # DPO, KTO, reward (TRL's default there)
+            disable_dropout(self.model)
         self.setup()  # stage-specific: reference model, precomputed log-probs ...
         self.optimizer = make_optimizer(self.cfg, self.model)
         self.steps_per_epoch = len(self.train_data) // self.global_batch_size
@@ -89,6 +92,11 @@ class Trainer:
 
     def count_items(self, batch) -> int:
         raise NotImplementedError
+
+    def update_items(self, n_global: torch.Tensor) -> torch.Tensor:
+        """The normaliser of an update's loss: by default its items across its micro-batches and the
+        processes (TRL's `num_items_in_batch`)."""
+        return n_global
 
     def updates_per_step(self) -> int:
         """Optimizer updates per training step (1; online stages: several per rollout)."""
@@ -200,7 +208,7 @@ class Trainer:
     def training_step(self, micro: list[dict]) -> dict:
         acc, model = self.accelerator, self.model
         n_local = sum(self.count_items(b) for b in micro)
-        n_global = self._reduce_sum([torch.tensor(float(n_local))])[0]
+        n_global = self.update_items(self._reduce_sum([torch.tensor(float(n_local))])[0])
         scale = acc.num_processes / n_global.clamp(min=1.0)
         loss_sum = torch.zeros((), device=acc.device)
         sums, counts = {}, {}

@@ -49,6 +49,8 @@ class DPOConfig(TrainConfig):
     cpo_alpha: float = opt(1.0, "weight of the chosen NLL term of CPO")
     ref_model: str | None = opt(None, "reference model directory; default: a frozen copy of the initial policy")
     precompute_ref_logps: bool = opt(False, "compute reference log-probs once, then drop the reference model")
+    disable_dropout: bool = opt(True, "set every dropout probability to 0 (TRL's default): the policy's "
+                                      "log-probs are then comparable with the reference's, which runs in eval mode")
     learning_rate: float = opt(5e-7, "AdamW peak learning rate")
 
     stage = "dpo"

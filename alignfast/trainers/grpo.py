@@ -23,8 +23,11 @@ Normalisation. The base trainer divides the sums `compute_loss` returns by the g
 of the update (all its micro-batches, all processes), so each loss type's normaliser is the one of
 the whole optimizer update's mini-batch, whatever the split into micro-batches and processes:
 
-    dapo, bnpo  Σ l·m / Σ m             count_items = loss tokens (both: the update's token mean; TRL's
-                                        bnpo normalises per micro-batch, which depends on the split)
+    dapo        Σ l·m / (N / k)          N = the rollout's loss tokens (all processes), k = num_mini_batches:
+                                        every update of a rollout divides by the same number, as TRL's
+                                        generation-batch normaliser (equal to the update's token mean when k = 1)
+    bnpo        Σ l·m / Σ m             count_items = loss tokens (the update's token mean; TRL's bnpo
+                                        normalises per micro-batch, which depends on the split)
     grpo        Σ_i (Σ_t l·m / Σ_t m)   count_items = completions (per-sequence mean, then mean over
                                         the update's completions; masked ones count, adding 0, as TRL)
     dr_grpo     Σ l·m / (B·L)           count_items = completions × L, L = max_new_tokens (the constant)
@@ -202,6 +205,13 @@ class GRPOTrainer(OnlineTrainer):
         """[B, T-1] shifted labels, the tokens of masked (truncated) completions ignored."""
         targets = batch["labels"][:, 1:]
         return targets.masked_fill(batch["keep"][:, None] == 0, IGNORE_INDEX)
+
+    def update_items(self, n_global):
+        """dapo: the rollout's loss tokens over its updates per pass, the same for every update (TRL's
+        generation-batch `num_items_in_batch` rescaled to one update); the others: the update's own."""
+        if self.cfg.loss_type == "dapo":
+            return self.rollout_items / self.cfg.num_mini_batches
+        return n_global
 
     def count_items(self, batch) -> int:
         if self.cfg.loss_type in ("dapo", "bnpo"):

@@ -184,3 +184,16 @@ def frozen_copy(model: nn.Module) -> nn.Module:
 
 def unwrap_causal_lm(module: nn.Module) -> nn.Module:
     return module.causal_lm if isinstance(module, HiddenStatesModel) else module
+
+
+def disable_dropout(module: nn.Module) -> nn.Module:
+    """Sets every dropout probability to 0, as TRL does by default for PPO (the rollout's log-probs and
+    values must be those the first update sees: ρ = 1, V = V_old) and for DPO, KTO and reward models
+    (`disable_dropout`: the implicit rewards compare the policy with the reference in the same mode)."""
+    for m in module.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        for name in ("attention_dropout", "dropout"):  # attention modules keep a float, not a module
+            if isinstance(getattr(m, name, None), float):
+                setattr(m, name, 0.0)
+    return module

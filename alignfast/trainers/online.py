@@ -135,12 +135,14 @@ class OnlineTrainer(Trainer):
         for epoch in range(self.rollout_epochs()):
             gen = torch.Generator().manual_seed(self.sampling_seed(step) * 31 + epoch)
             order = torch.randperm(len(rows), generator=gen).tolist()
-            for u in range(cfg.num_mini_batches):
-                micro = []
-                for m in range(micro_per_update):
-                    start = (u * micro_per_update + m) * per_micro
-                    micro.append(self.to_device(self.collator([rows[i] for i in order[start:start + per_micro]])))
-                updates.append(self.training_step(micro))
+            batches = [[self.to_device(self.collator([rows[i] for i in order[start:start + per_micro]]))
+                        for start in range(u * micro_per_update * per_micro, (u + 1) * micro_per_update * per_micro,
+                                           per_micro)]
+                       for u in range(cfg.num_mini_batches)]
+            if epoch == 0:  # the rollout's items, across processes (GRPO's dapo normalises by them)
+                local = sum(self.count_items(b) for micro in batches for b in micro)
+                self.rollout_items = self._reduce_sum([torch.tensor(float(local))])[0]
+            updates += [self.training_step(micro) for micro in batches]
         out = self.mean_across_processes(rollout_metrics)
         for key in updates[0]:
             if key == "skipped":

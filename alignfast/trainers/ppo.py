@@ -56,11 +56,11 @@ from alignfast.ops import linear_kl, linear_logprobs
 from alignfast.ops.kl import kl_backends
 from alignfast.trainers.config import _check_model_path, opt
 from alignfast.trainers.kl_controller import KLController
-from alignfast.trainers.modeling import full_head
+from alignfast.trainers.modeling import disable_dropout, full_head
 from alignfast.trainers.online import OnlineConfig, OnlineTrainer
 from alignfast.trainers.reference import ReferencePolicy
 from alignfast.trainers.sequence import shift
-from alignfast.trainers.value import PolicyAndValue, disable_dropout, load_value_model
+from alignfast.trainers.value import PolicyAndValue, load_value_model
 
 KL_ESTIMATORS = ("k1", "k3", "full")
 WHITEN_EPS = 1e-8

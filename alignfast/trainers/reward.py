@@ -25,6 +25,7 @@ from alignfast.trainers.modeling import DTYPES, backbone
 class RewardConfig(TrainConfig):
     center_rewards_coefficient: float = opt(0.0, "weight of the (r_chosen + r_rejected)² centering term")
     use_margin: bool = opt(True, "subtract the record's `margin` column when present")
+    disable_dropout: bool = opt(True, "set every dropout probability to 0 (TRL's default for reward models)")
 
     stage = "reward"
     data_kind = "preference"

@@ -59,14 +59,4 @@ class PolicyAndValue(nn.Module):
         return self.policy(input_ids, attention_mask), self.value(input_ids, attention_mask)
 
 
-def disable_dropout(module: nn.Module) -> nn.Module:
-    """Sets every dropout probability to 0 (as TRL does for PPO): the rollout's log-probs and values
-    must be those the first update sees, so that ρ = 1 and V = V_old before any step."""
-    for m in module.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
-        for name in ("attention_dropout", "dropout"):  # attention modules keep a float, not a module
-            if isinstance(getattr(m, name, None), float):
-                setattr(m, name, 0.0)
-    return module
 

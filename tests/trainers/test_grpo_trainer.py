@@ -253,3 +253,20 @@ def test_a_verifiable_reward_rises(tiny_model_dir, tmp_path):
     tr.train()
     after = mean_reward()
     assert before < 0.2 and after > before + 0.3, (before, after)
+
+
+def test_dapo_updates_of_one_rollout_share_its_normaliser(tiny_model_dir, tmp_path):
+    """num_mini_batches = 2: each update divides by the rollout's loss tokens / 2 (TRL's generation-batch
+    num_items_in_batch), so at the same parameters the two updates' gradients average to the one
+    update over the whole rollout — whatever the two halves' completion lengths."""
+    grads = []
+    for minis in (2, 1):
+        tr = make(tiny_model_dir, tmp_path / f"m{minis}",
+                  ["loss_type=dapo", "per_device_batch_size=2", "max_steps=1", "beta=0.1",
+                   "gradient_accumulation_steps=2", f"num_mini_batches={minis}", "max_grad_norm=0",
+                   "learning_rate=1e-30", "lr_scheduler=constant"])  # the parameters do not move between updates
+        updates, _ = record(tr)
+        tr.train()
+        grads.append([u["grads"] for u in updates])
+    (first, second), (whole,) = grads
+    assert_grads_close({n: (first[n] + second[n]) / 2 for n in whole}, whole, rtol=1e-5)

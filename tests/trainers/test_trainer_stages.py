@@ -145,3 +145,31 @@ def test_attn_implementation_reaches_the_model(choice, expected, tiny_model_dir)
     cfg = load_config(SFTConfig, None, [f"attn_implementation={choice}"], model=tiny_model_dir)
     assert attn_implementation(cfg) == expected
     assert load_causal_lm(cfg).config._attn_implementation == expected
+
+
+@pytest.mark.parametrize("stage", ["dpo", "kto", "reward"])
+def test_dropout_is_off_in_the_preference_stages(stage, tiny_model_dir, tmp_path):
+    """As TRL's disable_dropout=True default: at the first step the policy is its reference, so DPO's
+    loss is exactly log 2 and KTO's 1/2 (with dropout on, both carried dropout noise); reward models too."""
+    import math
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    with_dropout = str(tmp_path / "dropout")
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, attention_dropout=0.3).save_pretrained(with_dropout)
+    for name in os.listdir(tiny_model_dir):  # the tokenizer's files
+        if "token" in name or name.endswith(".jinja"):
+            shutil.copy(os.path.join(tiny_model_dir, name), with_dropout)
+    tr = make_trainer(stage, with_dropout, tmp_path / "out", ["max_steps=1"])
+    rates = [m.p for m in tr.model.modules() if isinstance(m, torch.nn.Dropout)]
+    rates += [m.attention_dropout for m in tr.model.modules() if isinstance(getattr(m, "attention_dropout", None),
+                                                                            float)]
+    assert rates and all(r == 0.0 for r in rates)
+    if stage == "reward":
+        return
+    tr.model.train()
+    batch = tr.micro_batches(0)[0]
+    loss_sum, _ = tr.compute_loss(tr.model, batch)
+    mean = float(loss_sum.detach()) / tr.count_items(batch)
+    assert mean == pytest.approx(math.log(2) if stage == "dpo" else 0.5, abs=1e-6)
