@@ -412,7 +412,7 @@ def make_kl_options(hidden, weight, ref_hidden, ref_weight, bias, ref_bias, targ
             raise ValueError(f"targets_mask is on {targets_mask.device} but hidden is on {hidden.device}")
     if not isinstance(reverse, bool):
         raise ValueError(f"reverse must be a bool, got {reverse!r}")
-    validation.check_positive("temperature", temperature)
+    validation.check_temperature(temperature)
     validation.check_chunk_size(chunk_size)
     resolved = dispatch.resolve(backend, hidden.device, supported=kl_backends())
     return KLOptions(temperature=float(temperature), reverse=reverse, backend=resolved, chunk_size=chunk_size)

@@ -104,6 +104,13 @@ def check_positive(name: str, value, *, optional: bool = False) -> None:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
+def check_temperature(value) -> None:
+    """> 0 with a reciprocal that fits float32 (logits are multiplied by 1/T; 1e-45 would make them inf)."""
+    check_positive("temperature", value)
+    if not 1.0 / value < 3.0e38:
+        raise ValueError(f"temperature={value!r} is too small: 1/temperature must fit in float32")
+
+
 def check_chunk_size(chunk_size) -> None:
     if chunk_size is not None and (not is_int(chunk_size) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")

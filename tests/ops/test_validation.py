@@ -32,6 +32,7 @@ BAD = {
     "not-a-tensor": (args(hidden=[[1.0] * H]), TypeError, r"hidden must be a torch.Tensor"),
     "temperature-0": (args(temperature=0.0), ValueError, r"temperature"),
     "temperature-nan": (args(temperature=float("nan")), ValueError, r"temperature"),
+    "temperature-denormal": (args(temperature=1e-45), ValueError, r"1/temperature must fit in float32"),
     "softcap-neg": (args(softcap=-1.0), ValueError, r"softcap"),
     "chunk-0": (args(chunk_size=0), ValueError, r"chunk_size"),
     "unknown-backend": (args(backend="magic"), ValueError, r"backend='magic' is unknown.*reference"),
