@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="alignfast", description="Fused-kernel LLM post-training.")
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train one stage (sft, reward, dpo, kto)")
+    train = sub.add_parser("train", help="train one stage (sft, reward, dpo, kto, ppo, grpo, cai)")
     stages = train.add_subparsers(dest="stage", required=True)
     for stage, (config_class, _) in STAGES.items():
         p = stages.add_parser(stage, help=f"{stage} training", epilog=_options_help(config_class),
@@ -94,9 +94,9 @@ def run_train(args) -> int:
     except ValueError as e:
         print(f"alignfast: invalid configuration: {e}", file=sys.stderr)
         return 2
-    try:  # what only the data and the models can tell (too few usable examples, an unknown reward function)
+    try:  # what only the data and the models can tell (too few usable examples, a model id that is nowhere)
         trainer = trainer_class(cfg)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         print(f"alignfast: {e}", file=sys.stderr)
         return 2
     try:

@@ -176,6 +176,13 @@ class Trainer:
         return self.accelerator.reduce(t, reduction="sum") if self.accelerator.num_processes > 1 else t
 
     @staticmethod
+    def _weighted(value, weight: int):
+        """A metric (a value, or a (sum, count) pair) scaled by 0 or 1."""
+        if isinstance(value, tuple):
+            return value[0] * weight, torch.as_tensor(value[1], dtype=torch.float32) * weight
+        return value * weight
+
+    @staticmethod
     def _split_metric(value):
         if isinstance(value, tuple):
             return value[0].detach(), torch.as_tensor(value[1], dtype=torch.float32)
@@ -301,16 +308,19 @@ class Trainer:
         """Loss and metrics over `examples` (default: the eval set), split across processes."""
         examples = self.eval_data if examples is None else examples
         acc = self.accelerator
-        mine = examples[acc.process_index::acc.num_processes]
+        mine, size = examples[acc.process_index::acc.num_processes], self.cfg.per_device_batch_size
+        # (examples, weight) per batch. A process whose share is empty (fewer examples than processes)
+        # still runs one batch, weighted 0: the metrics' all-reduce needs the same names everywhere.
+        batches = [(mine[i:i + size], 1) for i in range(0, len(mine), size)] or [(examples[:1], 0)] * bool(examples)
         was_training = self.model.training
         self.model.eval()
         loss_sum, n = torch.zeros((), device=acc.device), 0
         sums, counts = {}, {}
-        for i in range(0, len(mine), self.cfg.per_device_batch_size):
-            batch = self.to_device(self.collator(mine[i:i + self.cfg.per_device_batch_size]))
+        for chunk, weight in batches:
+            batch = self.to_device(self.collator(chunk))
             loss, metrics = self.compute_loss(self.model, batch)
-            loss_sum, n = loss_sum + loss.float(), n + self.count_items(batch)
-            self._accumulate(sums, counts, metrics)
+            loss_sum, n = loss_sum + weight * loss.float(), n + weight * self.count_items(batch)
+            self._accumulate(sums, counts, {k: self._weighted(v, weight) for k, v in metrics.items()})
         self.model.train(was_training)
         return self._finish_metrics(loss_sum, torch.tensor(float(n)), sums, counts)
 

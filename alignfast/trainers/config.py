@@ -183,7 +183,9 @@ def _check_model_path(key: str, value: str) -> None:
     if os.path.isdir(value):
         return
     local_looking = value.startswith((".", "/", "~")) or os.sep in value and not HUB_ID.match(value)
-    if local_looking or not HUB_ID.match(value):
+    # `out/sft` reads as a hub id, but when `out/` is a local directory it is a missing local model
+    missing_local = HUB_ID.match(value) and os.path.isdir(value.split("/")[0])
+    if local_looking or missing_local or not HUB_ID.match(value):
         raise ValueError(f"{key}: {value!r} is not an existing directory (nor a hub id like org/name)")
 
 

@@ -48,6 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=8, help="per-device batch size")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--stages", default="sft,dpo")
+    p.add_argument("--eval-examples", type=int, default=0, help="a held-out set of this many records")
     p.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard) instead of DDP")
     p.add_argument("--shard-head", action="store_true",
                    help="FSDP2: every nn.Linear (lm_head included) its own group, so the head stays sharded "
@@ -82,7 +83,8 @@ def run(args, acc, gathers=(0,)) -> None:
                                                "lr_scheduler=constant", *EXTRA[stage]],
                           model=args.model, output_dir=os.path.join(args.out, stage))
         online = stage in ("grpo", "ppo")
-        trainer = trainer_class(cfg, train_dataset=RECORDS[stage](64), accelerator=acc,
+        held_out = {"eval_dataset": RECORDS[stage](args.eval_examples)} if args.eval_examples else {}
+        trainer = trainer_class(cfg, train_dataset=RECORDS[stage](64), accelerator=acc, **held_out,
                                 **({"reward_funcs": [digit_fraction]} if online else {}))
         if online and args.replay:
             _replay_samples(trainer, os.path.join(args.replay, stage))

@@ -109,3 +109,13 @@ def test_reward_weights_are_checked_before_loading(tiny_model_dir):
 
     with pytest.raises(ValueError, match="reward_weights must be numbers"):
         load_config(STAGES["grpo"][0], None, ["reward_weights=[a]"], model=tiny_model_dir)
+
+
+def test_a_missing_model_under_a_local_directory_is_not_a_hub_id(tmp_path, monkeypatch):
+    """`out/sft` reads like org/name; with a local `out/` it is a model not trained yet, reported before any
+    load (it went to the hub: retries, then an OSError traceback)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ValueError, match=r"model: 'out/sft' is not an existing directory"):
+        load_config(SFTConfig, None, [], model="out/sft")
+    assert load_config(SFTConfig, None, [], model="org/name").model == "org/name"  # still a hub id

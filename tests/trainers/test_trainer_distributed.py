@@ -2,6 +2,7 @@
 same weights. DDP for SFT and DPO; FSDP2 (fully_shard, with the lm_head sharded, so the fused loss
 must gather it) for DPO, and for GRPO and PPO, whose sampling must then equal unsharded sampling."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -63,6 +64,14 @@ def test_ddp_two_processes_equal_one(tiny_model_dir, tmp_path, one_process):
     _torchrun(tiny_model_dir, tmp_path)
     for stage in ("sft", "dpo"):
         _assert_same_run(tmp_path, one_process, stage)
+
+
+def test_ddp_eval_set_smaller_than_the_processes(tiny_model_dir, tmp_path):
+    """One held-out example for 2 processes: the process without one still joins the metrics' all-reduce
+    (it hung there), and the eval loss is that example's."""
+    _torchrun(tiny_model_dir, tmp_path, "--stages", "sft", "--eval-examples", "1")
+    evals = [r for r in map(json.loads, open(tmp_path / "sft" / "metrics.jsonl")) if r["split"] == "eval"]
+    assert evals and all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in evals)
 
 
 def test_fsdp2_two_processes_dpo_gathers_the_sharded_head(tiny_model_dir, tmp_path, one_process):
