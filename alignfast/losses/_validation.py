@@ -65,11 +65,14 @@ def check_mask(mask, like: torch.Tensor, *, like_name: str, name: str = "mask") 
 def check_binary(name: str, labels) -> None:
     """labels is a bool tensor, or an integer one holding only 0 and 1 (a float 0.2 is not a label)."""
     require_tensor(name, labels)
-    if labels.dtype != torch.bool and (labels.dtype.is_floating_point or labels.dtype.is_complex
-                                       or bool(((labels != 0) & (labels != 1)).any())):
-        raise ValueError(f"{name} must be bool (or 0/1 integers), got {labels.dtype}"
-                         + ("" if labels.dtype.is_floating_point or labels.dtype.is_complex
-                            else f" holding {sorted(set(labels.unique().tolist()) - {0, 1})[:3]}"))
+    if labels.dtype == torch.bool:
+        return
+    if labels.dtype.is_floating_point or labels.dtype.is_complex:
+        raise ValueError(f"{name} must be bool (or 0/1 integers), got {labels.dtype}")
+    other = labels[(labels != 0) & (labels != 1)]
+    if other.numel():
+        raise ValueError(f"{name} must be bool (or 0/1 integers), got {labels.dtype} holding "
+                         f"{sorted(set(other.tolist()))[:3]}")
 
 
 def check_lengths(name: str, lengths, batch: int, device: torch.device) -> None:

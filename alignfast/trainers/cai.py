@@ -304,6 +304,9 @@ class CAITrainer:
                 saved = json.load(f)
             if saved.get("sl_data") == hashes["sl_data"]:
                 return saved["stats"]
+        return self._sl_row_stats(rows)
+
+    def _sl_row_stats(self, rows: list[dict]) -> dict:
         kept = len(self.sl_records(rows))
         return {"examples": kept, "empty_revisions": len(rows) - kept,
                 "revised_fraction": sum(r["revision"] != r["response"] for r in rows) / max(len(rows), 1)}
@@ -423,8 +426,7 @@ class CAITrainer:
         if reused:
             stats = self._sl_stats(hashes, rows)
         else:
-            stats = {"examples": len(records), "empty_revisions": len(rows) - len(records),
-                     "revised_fraction": sum(r["revision"] != r["response"] for r in rows) / len(rows)}
+            stats = self._sl_row_stats(rows)
             if _can_compare(self.feedback):  # (rows made here: the feedback model is loaded)
                 stats["revision_win_rate"] = revision_win_rate(
                     self.feedback, [r["prompt"] for r in rows], [r["response"] for r in rows],
