@@ -31,6 +31,19 @@ def _register_fakes() -> None:
         def _gae_scan_fake(rewards, values, valid, gamma, lam):
             return torch.empty_like(rewards), torch.empty_like(rewards)
 
+        no_derivative("alignfast::gae_scan", "alignfast.losses.gae (advantages are constants)")
+
+
+def no_derivative(op: str, use: str) -> None:
+    """Give `op` an autograd kernel whose backward raises. These ops are building blocks that the
+    Python wrappers differentiate themselves; called directly on inputs that require grad, PyTorch
+    would otherwise run the backward with only a warning and leave the inputs' gradients None."""
+    def backward(ctx, *grads):
+        raise RuntimeError(f"torch.ops.{op.replace('::', '.')} has no derivative: it is a building block "
+                           f"of {use}; differentiate that instead")
+
+    torch.library.register_autograd(op, backward, setup_context=lambda ctx, inputs, output: None)
+
 
 def has_kernels(device_type: str) -> bool:
     """Whether `alignfast._C` registered the row kernels for this device type."""

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from torch.autograd.function import once_differentiable
+from alignfast.ops.first_order import first_order
 
 from alignfast import _native, dispatch
 from alignfast.losses._reductions import masked_mean
@@ -136,6 +136,7 @@ def _fake(logp, old, ref, adv, valid, ratio_low, ratio_high, dual_clip, log_rati
 
 
 _triton_op.register_fake(_fake)
+_native.no_derivative(TRITON_OP, "alignfast.losses.pg_token_terms")
 
 
 def _native_available() -> bool:
@@ -144,6 +145,7 @@ def _native_available() -> bool:
 
 if _native_available():  # once, at import, as the row kernels' fakes
     torch.library.register_fake(NATIVE_OP)(_fake)
+    _native.no_derivative(NATIVE_OP, "alignfast.losses.pg_token_terms")
 
 
 def _has_native(device: torch.device) -> bool:
@@ -171,7 +173,7 @@ class PGTokenFunction(torch.autograd.Function):
         return loss, ratio, approx_kl, kl, flags
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_loss, *_):
         (dloss,) = ctx.saved_tensors
         grad = None if grad_loss is None or not ctx.needs_input_grad[0] else grad_loss * dloss

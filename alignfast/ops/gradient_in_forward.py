@@ -8,7 +8,7 @@ saves those gradients and the backward only scales them by the incoming scalar g
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
+from alignfast.ops.first_order import first_order
 
 
 class GradientInForward(torch.autograd.Function):
@@ -21,7 +21,7 @@ class GradientInForward(torch.autograd.Function):
         ctx.present = [g is not None for g in grads]
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_loss):
         saved = iter(ctx.saved_tensors)
         # loss.backward() passes exactly 1: hand the saved gradients over without a [V, H]-sized multiply.

@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
+from alignfast.ops.first_order import first_order
 
 from alignfast import dispatch
 from alignfast.ops import native_rows, validation
@@ -259,7 +259,7 @@ class LinearKLFunction(torch.autograd.Function):
         return st.kl
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_kl):
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, *st = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]

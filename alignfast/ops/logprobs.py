@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
+from alignfast.ops.first_order import first_order
 
 from alignfast import dispatch
 from alignfast.ops import validation
@@ -98,7 +98,7 @@ class LinearLogProbsFunction(torch.autograd.Function):
         return st.logprob, entropy, st.lse, zmean
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, g_logprob, g_entropy, g_lse, g_zmean):
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
         opts: LogitOptions = ctx.opts

@@ -61,6 +61,9 @@ def _register_fakes() -> None:
         def _kl_grad_fake(z, z_ref, lse, ref_lse, kl, g, temperature, reverse):
             return None
 
+        _native.no_derivative(KL_STATS_OP, "alignfast.linear_kl")
+    _native.no_derivative(STATS_OP, "alignfast.linear_logprobs")
+
 
 _AVAILABLE = available()  # once, at import: the wrappers below are traced by torch.compile
 if _AVAILABLE:
