@@ -40,7 +40,7 @@ class LinearPreferenceLoss(LinearLossBase):
 
     forward(hidden [2P, T, H], weight [V, H], labels [2P, T], bias [V] | None, *,
             ref_hidden [2P, T, H] + ref_weight [V, H] (+ ref_bias), or ref_logps [2P] (per sequence,
-            chosen first) or [2P, T] (per token))
+            chosen first) or [2P, T] (per token); the reference-free losses refuse one)
         -> (loss, metrics): loss = mean over pairs of the per-pair losses (NLL terms included);
            metrics as TRL logs them: rewards/chosen, rewards/rejected, rewards/accuracies,
            rewards/margins, logps/chosen, logps/rejected (means over pairs, detached), plus the method's.
@@ -75,8 +75,12 @@ class LinearPreferenceLoss(LinearLossBase):
     def forward(self, hidden, weight, labels, bias=None, *, ref_hidden=None, ref_weight=None, ref_bias=None,
                 ref_logps=None):
         check_batch(hidden, labels, self.unit)
-        if self.needs_reference and ref_hidden is None and ref_weight is None and ref_logps is None:
+        given = not (ref_hidden is None and ref_weight is None and ref_bias is None and ref_logps is None)
+        if self.needs_reference and not given:
             raise ValueError(f"{type(self).__name__} needs the reference: pass ref_hidden + ref_weight, or ref_logps")
+        if given and not self.needs_reference:  # its log-probs would cost a vocab projection, then go unused
+            raise ValueError(f"{type(self).__name__} is reference-free: drop ref_hidden, ref_weight, ref_bias and "
+                             "ref_logps")
         n_pairs = labels.shape[0] // 2
         chosen_tokens = int((labels[:n_pairs] != self.ignore_index).sum())  # the NLL terms' global normaliser
 

@@ -161,7 +161,8 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
             element is < eps in magnitude; the forward is unchanged. Not on `reference`.
 
     Returns:
-        LogProbs(logprobs, entropy | None, lse | None), each shaped like `targets`, fp32.
+        LogProbs(logprobs, entropy | None, lse | None), each shaped like `targets`, fp32 (fp64 for fp64
+        inputs).
         Differentiable w.r.t. hidden, weight and bias, for any upstream gradient on each output.
 
     Example:

@@ -198,7 +198,8 @@ class Trainer:
         counts = dict(zip(counted, totals[2 + len(names):].tolist()))
         for i, name in enumerate(names):
             denom = counts.get(name, n)
-            out[name] = totals[2 + i].item() / denom if denom else float("nan")
+            if denom:  # left out when nothing counted it (KTO's chosen rewards on an eval without a chosen example)
+                out[name] = totals[2 + i].item() / denom
         return out
 
     @staticmethod

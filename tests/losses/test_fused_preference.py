@@ -188,6 +188,15 @@ def test_dpo_bad_input():
         LinearDPOLoss()(policy["hidden"], policy["weight"], labels, ref_logps=torch.zeros(4))
 
 
+@pytest.mark.parametrize("cls", [LinearSimPOLoss, LinearORPOLoss, LinearCPOLoss])
+def test_reference_free_losses_refuse_a_reference(cls):
+    """Given one (a call switched over from DPO), they would pay its vocab projection and ignore it."""
+    policy, ref, labels = make_pairs(torch.float64)
+    for given in ({k: ref[k] for k in ("ref_hidden", "ref_weight")}, {"ref_logps": torch.zeros(2 * P)}):
+        with pytest.raises(ValueError, match="reference-free"):
+            cls()(policy["hidden"], policy["weight"], labels, **given)
+
+
 def expected_reference_free(fn, average, nll):
     """Oracle for SimPO / ORPO / CPO: the functional loss on float64 sequence log-probs."""
     def expected(policy, ref, labels, **kw):

@@ -335,7 +335,7 @@ def test_ops_have_fakes(backend):
 
 @native
 def test_torch_compile_fullgraph_forward_and_backward():
-    """The autograd Function around the native op traces whole (fake impl + once-differentiable backward)."""
+    """The autograd Function around the native op traces whole (fake impl + first-order backward)."""
     torch._dynamo.reset()
     opts = TokenLossOptions(ratio_low=0.8, ratio_high=1.2, dual_clip=3.0, log_ratio_clamp=20.0, kl_estimator="k3",
                             kl_coef=0.1, backend=NATIVE)

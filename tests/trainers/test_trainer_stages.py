@@ -1,5 +1,6 @@
 """Each trainer trains the tiny model a few steps and its loss falls on the toy data."""
 import json
+import math
 import os
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 
 from trainer_helpers import make_trainer
 
+from alignfast.data import toy
 from alignfast.trainers import SFTConfig, load_config
 
 LR = {"sft": 3e-3, "reward": 3e-3, "dpo": 3e-3, "kto": 3e-3}
@@ -173,3 +175,13 @@ def test_dropout_is_off_in_the_preference_stages(stage, tiny_model_dir, tmp_path
     loss_sum, _ = tr.compute_loss(tr.model, batch)
     mean = float(loss_sum.detach()) / tr.count_items(batch)
     assert mean == pytest.approx(math.log(2) if stage == "dpo" else 0.5, abs=1e-6)
+
+
+def test_kto_eval_without_a_chosen_example_leaves_the_metric_out(tiny_model_dir, tmp_path):
+    """A metric nothing counted is absent, not NaN (bare NaN is not JSON: metrics.jsonl readers choke)."""
+    records = toy.unpaired_records(32)
+    undesirable = [r for r in records if not r["label"]]
+    tr = make_trainer("kto", tiny_model_dir, tmp_path, ["max_steps=1"], records=records, eval_dataset=undesirable[:4])
+    out = tr.evaluate()
+    assert "rewards/rejected" in out and "rewards/chosen" not in out
+    assert all(math.isfinite(v) for v in out.values() if isinstance(v, float)), out
