@@ -130,7 +130,8 @@ class Pipeline:
     def config(self, stage: str, model: str, **extra):
         options = {**stage_options(stage, self.sizes, self.seed), **extra}
         self.result.settings[stage] = dict(options)
-        return make_config(STAGES[stage][0], {**options, "model": model, "output_dir": self.path(stage)})
+        return make_config(STAGES[stage][0], {**options, "model": model, "output_dir": self.path(stage),
+                                              "overwrite_output_dir": True})  # a rerun starts over
 
     def load_lm(self, path: str):
         from transformers import AutoModelForCausalLM

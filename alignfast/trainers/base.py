@@ -21,8 +21,11 @@ have seen.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import logging
 import math
+import pickle
 import time
 
 import torch
@@ -328,11 +331,21 @@ class Trainer:
     # ---- checkpoints -----------------------------------------------------------------------------
     def save_checkpoint(self) -> str:
         state = {"run_id": self.run_id, "config_hash": self.cfg.config_hash(), "stage": self.cfg.stage,
-                 "skipped_steps": self.skipped_steps, "total_steps": self.total_steps, **self.extra_state()}
+                 "data_fingerprint": self.data_fingerprint, "skipped_steps": self.skipped_steps,
+                 "total_steps": self.total_steps, **self.extra_state()}
         return ckpt.save_checkpoint(self.accelerator, self.cfg.output_dir, self.step,
                                     model=self.accelerator.unwrap_model(self.model), optimizer=self.optimizer,
                                     scheduler=self.scheduler, state=state, config=self.cfg.to_dict(),
                                     keep=self.cfg.save_total_limit)
+
+    @functools.cached_property
+    def data_fingerprint(self) -> str:
+        """sha256 of the tokenized training examples: the config hash names the dataset by its path,
+        this catches a file edited (or a tokenizer changed) under the same name before a resume."""
+        digest = hashlib.sha256()
+        for example in self.train_data:
+            digest.update(pickle.dumps(sorted(example.items()), protocol=4))
+        return digest.hexdigest()[:16]
 
     def extra_state(self) -> dict:
         """A stage's own training state (JSON values, e.g. PPO's adaptive β), saved in the checkpoint's
@@ -344,11 +357,26 @@ class Trainer:
 
     def _maybe_resume(self) -> int | None:
         if not self.cfg.resume_from:
+            if self.accelerator.is_main_process:
+                ckpt.clear_for_new_run(self.cfg.output_dir, self.cfg.overwrite_output_dir)
+            self.accelerator.wait_for_everyone()
             return None
-        path = ckpt.resolve_checkpoint(self.cfg.resume_from, self.cfg.output_dir)
-        state = ckpt.load_checkpoint(self.accelerator, path, model=self.accelerator.unwrap_model(self.model),
-                                     optimizer=self.optimizer, scheduler=self.scheduler,
-                                     config_hash=self.cfg.config_hash())
+        candidates = ckpt.resume_candidates(self.cfg.resume_from, self.cfg.output_dir)
+        for i, path in enumerate(candidates):
+            try:
+                state = ckpt.load_checkpoint(self.accelerator, path, model=self.accelerator.unwrap_model(self.model),
+                                             optimizer=self.optimizer, scheduler=self.scheduler,
+                                             config_hash=self.cfg.config_hash())
+                break
+            except ckpt.CorruptCheckpoint as e:  # torn by a crash: nothing was loaded from it
+                if i + 1 == len(candidates):
+                    raise
+                logger.warning("%s; resuming from the one before, %s", e, candidates[i + 1])
+        if state.get("data_fingerprint", self.data_fingerprint) != self.data_fingerprint:
+            raise ckpt.CheckpointError(
+                f"checkpoint {path!r} was trained on other data: the tokenized training examples differ from "
+                "its (an edited dataset file, another tokenizer); resumed, the run would not continue the same "
+                "run. Start over in another output_dir or with overwrite_output_dir=true")
         self.step, self.skipped_steps = state["step"], state.get("skipped_steps", 0)
         self.load_extra_state(state)
         logger.info("resumed from %s at step %d", path, self.step)

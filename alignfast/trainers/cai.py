@@ -163,9 +163,11 @@ class CAIConfig(TrainConfig):
         reward model in output_dir/rl_reward). `resume`: from its latest checkpoint, if there is one."""
         common = {f.name: getattr(self, f.name) for f in dataclasses.fields(TrainConfig)}
         out = os.path.join(self.output_dir, stage)
+        # (a stage not resumed starts over: cai has judged its checkpoints stale, so they go)
         common.update(model=model, dataset=None, eval_dataset=None, output_dir=out,
                       run_name=f"{self.run_name}-{stage}" if self.run_name else None,
-                      resume_from="latest" if resume and ckpt.checkpoint_dirs(out) else None)
+                      resume_from="latest" if resume and ckpt.checkpoint_dirs(out) else None,
+                      overwrite_output_dir=True)
         if stage == "sl":
             common.update(learning_rate=self.sl_learning_rate or self.learning_rate,
                           max_steps=self.sl_max_steps if self.sl_max_steps is not None else self.max_steps)

@@ -37,6 +37,10 @@ class CheckpointError(ValueError):
     """A checkpoint that is incomplete, corrupted, or from another run."""
 
 
+class CorruptCheckpoint(CheckpointError):
+    """A checkpoint whose files are missing, torn or fail their checksums (not one of another run)."""
+
+
 def rng_state() -> dict:
     version, mt, gauss = random.getstate()
     np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
@@ -144,10 +148,13 @@ def save_checkpoint(accelerator, output_dir: str, step: int, *, model, optimizer
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump({fname: _sha256(os.path.join(tmp, fname)) for fname in files}, f, indent=1)
         _fsync(os.path.join(tmp, MANIFEST))
-        if os.path.exists(final):  # same step written again (e.g. a rerun): replace it whole
-            shutil.rmtree(final)
+        old = os.path.join(output_dir, f".{name}.old")
+        if os.path.exists(final):  # same step written again: set the old one aside until the new is in place
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
         _fsync(output_dir)
+        shutil.rmtree(old, ignore_errors=True)
         if keep is not None:
             for _, old in checkpoint_dirs(output_dir)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -155,15 +162,33 @@ def save_checkpoint(accelerator, output_dir: str, step: int, *, model, optimizer
     return final
 
 
-def resolve_checkpoint(resume_from: str, output_dir: str) -> str:
+def resume_candidates(resume_from: str, output_dir: str) -> list[str]:
+    """The checkpoints to try, in order: the one named, or for "latest" every one in output_dir,
+    newest first (a torn newest one falls back to the one before)."""
     if resume_from == "latest":
         found = checkpoint_dirs(output_dir)
         if not found:
             raise CheckpointError(f"resume_from=latest: no checkpoint-* directory in {output_dir!r}")
-        return found[-1][1]
+        return [path for _, path in reversed(found)]
     if not os.path.isdir(resume_from):
         raise CheckpointError(f"resume_from: {resume_from!r} is not a directory")
-    return resume_from
+    return [resume_from]
+
+
+def clear_for_new_run(output_dir: str, overwrite: bool) -> None:
+    """Before a run that does not resume: refuse an output_dir that holds checkpoints (a new run
+    there would prune them as its own, and a later --resume could pick one of them up), or, with
+    `overwrite`, delete them. Call on the main process."""
+    found = checkpoint_dirs(output_dir)
+    if not found:
+        return
+    if not overwrite:
+        raise CheckpointError(
+            f"output_dir {output_dir!r} holds checkpoints of an earlier run ({os.path.basename(found[-1][1])}"
+            f"{f' and {len(found) - 1} more' if len(found) > 1 else ''}): continue it with --resume, or start "
+            "over in another output_dir or with overwrite_output_dir=true (deletes them)")
+    for _, path in found:
+        shutil.rmtree(path)
 
 
 def verify_checkpoint(path: str, config_hash: str) -> dict:
@@ -171,18 +196,18 @@ def verify_checkpoint(path: str, config_hash: str) -> dict:
     config hash. Raises CheckpointError saying what is wrong."""
     manifest_path = os.path.join(path, MANIFEST)
     if not os.path.isfile(manifest_path):
-        raise CheckpointError(f"checkpoint {path!r} is incomplete or not a checkpoint: no {MANIFEST}")
+        raise CorruptCheckpoint(f"checkpoint {path!r} is incomplete or not a checkpoint: no {MANIFEST}")
     try:
         with open(manifest_path) as f:
             manifest = json.load(f)
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"checkpoint {path!r} is corrupted: unreadable {MANIFEST} ({e})") from None
+        raise CorruptCheckpoint(f"checkpoint {path!r} is corrupted: unreadable {MANIFEST} ({e})") from None
     for fname, digest in manifest.items():
         fpath = os.path.join(path, fname)
         if not os.path.isfile(fpath):
-            raise CheckpointError(f"checkpoint {path!r} is corrupted: {fname} is missing")
+            raise CorruptCheckpoint(f"checkpoint {path!r} is corrupted: {fname} is missing")
         if _sha256(fpath) != digest:
-            raise CheckpointError(f"checkpoint {path!r} is corrupted: {fname} does not match its checksum")
+            raise CorruptCheckpoint(f"checkpoint {path!r} is corrupted: {fname} does not match its checksum")
     with open(os.path.join(path, STATE_FILE)) as f:
         state = json.load(f)
     if state.get("config_hash") != config_hash:

@@ -25,8 +25,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 REPORT_TO = ("jsonl", "tensorboard", "wandb")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Fields that do not change what is trained: a run resumed with other values is the same run.
-NOT_HASHED = {"resume_from", "output_dir", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
-              "report_to", "disable_tqdm", "run_name", "max_bad_steps"}
+NOT_HASHED = {"resume_from", "overwrite_output_dir", "output_dir", "logging_steps", "eval_steps", "save_steps",
+              "save_total_limit", "report_to", "disable_tqdm", "run_name", "max_bad_steps"}
 
 
 def opt(default, help: str, **kw):
@@ -86,6 +86,8 @@ class TrainConfig:
     save_steps: int = opt(0, "checkpoint every N steps (0: only at the end)")
     save_total_limit: int | None = opt(2, "keep at most N checkpoints (None: all)")
     resume_from: str | None = opt(None, "checkpoint directory to resume from, or 'latest' in output_dir")
+    overwrite_output_dir: bool = opt(False, "a new run in an output_dir holding checkpoints deletes them first "
+                                            "(off: such a run is refused, so another run's are never lost)")
     max_bad_steps: int = opt(5, "stop after this many non-finite losses in a row")
     report_to: list = opt(["jsonl"], "jsonl (always), tensorboard, wandb")
     disable_tqdm: bool = opt(False, "no progress bar")

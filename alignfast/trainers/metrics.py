@@ -8,14 +8,16 @@ import os
 class MetricsLogger:
     """Writes `{"step", "split", ...metrics}` rows; only the main process should own one.
 
-    On resume, rows after the resumed step are dropped from metrics.jsonl, so an interrupted and
-    resumed run leaves the same file as an uninterrupted one.
+    On resume, rows after the resumed step are dropped from metrics.jsonl, and a row logged again for
+    the resumed step itself (the final eval of a finished run resumed) replaces the kept one, so an
+    interrupted and resumed run leaves the same file as an uninterrupted one.
     """
 
     def __init__(self, cfg, run_name: str, *, resume_step: int | None = None, console=print):
         os.makedirs(cfg.output_dir, exist_ok=True)
         self.path = os.path.join(cfg.output_dir, "metrics.jsonl")
         self.console = console
+        self.resume_step, self._splits_at_resume = resume_step, set()
         if resume_step is None:
             open(self.path, "w").close()
         else:
@@ -44,11 +46,22 @@ class MetricsLogger:
                     break  # the torn last line: nothing after it was written
                 if row is not None and row.get("step", 0) <= step:
                     rows.append(line if line.endswith("\n") else line + "\n")
+                    if row.get("step") == step:
+                        self._splits_at_resume.add(row.get("split"))
         with open(self.path, "w", encoding="utf-8") as f:
             f.writelines(rows)
 
+    def _drop_row(self, step: int, split: str) -> None:
+        with open(self.path, encoding="utf-8") as f:
+            lines = f.readlines()
+        with open(self.path, "w", encoding="utf-8") as f:
+            f.writelines(line for line in lines if _key(json.loads(line)) != (step, split))
+
     def log(self, step: int, split: str, metrics: dict, *, echo: bool = True) -> None:
         row = {"step": step, "split": split, **{k: _plain(v) for k, v in metrics.items()}}
+        if step == self.resume_step and split in self._splits_at_resume:
+            self._splits_at_resume.discard(split)
+            self._drop_row(step, split)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         if echo:
@@ -74,3 +87,7 @@ def _plain(v):
 
 def _fmt(v):
     return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _key(row: dict) -> tuple:
+    return row.get("step"), row.get("split")
