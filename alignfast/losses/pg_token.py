@@ -32,12 +32,12 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from alignfast.ops.first_order import first_order
 
 from alignfast import _native, dispatch
 from alignfast.losses._reductions import masked_mean
 from alignfast.losses._validation import check_choice
 from alignfast.losses.kl import token_kl
+from alignfast.ops.first_order import first_order
 
 PG_TOKEN_BACKENDS = ("auto", "torch", "triton", "cpp", "cuda")
 NATIVE_OP = "alignfast::pg_token_loss"

@@ -7,7 +7,10 @@ saves those gradients and the backward only scales them by the incoming scalar g
 """
 from __future__ import annotations
 
+import math
+
 import torch
+
 from alignfast.ops.first_order import first_order
 
 
@@ -23,9 +26,23 @@ class GradientInForward(torch.autograd.Function):
     @staticmethod
     @first_order
     def backward(ctx, grad_loss):
-        saved = iter(ctx.saved_tensors)
-        # loss.backward() passes exactly 1: hand the saved gradients over without a [V, H]-sized multiply.
-        unit = bool(grad_loss == 1)
-        grads = [None if not present else (g if unit else g * grad_loss.to(g.dtype))
-                 for present, g in ((p, next(saved) if p else None) for p in ctx.present)]
+        grads = iter(ctx.saved_tensors)
+        grads = [next(grads) if present else None for present in ctx.present]
+        # The saved gradients are handed over: once this returns, autograd drops its reference to
+        # them (the graph is freed), so each becomes the parameter's .grad, or is added to it, with
+        # no [V, H]-sized copy; a scaled loss (loss / k, a trainer's scale) scales them in place.
+        # A retained graph needs them again, unchanged: it gets copies.
+        factor = float(grad_loss)
+        if not _graph_is_freed():
+            grads = [None if g is None else g * factor for g in grads]
+        elif factor != 1.0:
+            for g in grads:
+                if g is not None:
+                    g.mul_(factor)
         return (*grads, *([None] * (ctx.num_inputs - 3)))
+
+
+def _graph_is_freed() -> bool:
+    """Whether the running backward frees the graph (retain_graph=False). Unknown: assume it does not."""
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return keep_graph is not None and not keep_graph()

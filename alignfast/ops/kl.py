@@ -25,11 +25,11 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from alignfast.ops.first_order import first_order
 
 from alignfast import dispatch
 from alignfast.ops import native_rows, validation
 from alignfast.ops.chunked import _GradAccumulator, logits_block
+from alignfast.ops.first_order import first_order
 from alignfast.ops.gradient_in_forward import GradientInForward
 from alignfast.ops.logprobs import reference_logits
 from alignfast.ops.options import LogitOptions, budget_rows, compute_dtype, vocab_block_shape

@@ -12,10 +12,10 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from alignfast.ops.first_order import first_order
 
 from alignfast import dispatch
 from alignfast.ops import validation
+from alignfast.ops.first_order import first_order
 from alignfast.ops.options import LogitOptions, compute_dtype
 from alignfast.ops.rowwise import RowStats
 

@@ -35,8 +35,9 @@ class LogitOptions:
     def chunk_rows(self, vocab: int, dtype: torch.dtype = torch.float32) -> int:
         """Tokens per chunk: `chunk_size`, or as many [rows, V] fp32 blocks as fit the byte budget.
 
-        The budget is ALIGNFAST_CHUNK_BYTES (default 256 MiB): the chunked paths hold one such block
-        (two with entropy), so their memory beyond inputs, outputs and gradients is bounded by it.
+        The budget is ALIGNFAST_CHUNK_BYTES (default 256 MiB) for one block: the native row kernels
+        (`cpp`, `cuda`) work in it in place; PyTorch's row math (`chunked`) holds up to two more
+        transients (entropy, softcap), so its memory beyond inputs, outputs and gradients is 1-3 blocks.
         Rounded down to a multiple of BLOCK_ALIGN rows when that keeps at least half of them.
         """
         if self.chunk_size is not None:

@@ -78,3 +78,40 @@ def test_native_ops_called_directly_refuse_backward():
     with pytest.raises(RuntimeError, match="kl_rows_stats has no derivative.*linear_kl"):
         kl.sum().backward()
     assert z.grad is None
+
+
+# ---- gradients formed in the forward: handed over, scaled in place ----------------------------
+def _big_allocations_in_backward(loss, nbytes):
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss.backward()
+    return [e.name for e in prof.events() if e.name.startswith("aten::") and e.cpu_memory_usage >= nbytes]
+
+
+@pytest.mark.parametrize("backend", [b for b in ("chunked", "cpp") if b in FUSED])
+def test_a_scaled_fused_loss_hands_its_gradient_over_without_a_copy(backend):
+    """loss / k (gradient accumulation, a trainer's scale) made a [V, H] copy of the saved gradient."""
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(32, 64, generator=g, requires_grad=True)
+    weight = torch.randn(2000, 64, generator=g, requires_grad=True)
+    targets = torch.randint(0, 2000, (32,), generator=g)
+    loss = alignfast.linear_cross_entropy(hidden, weight, targets, backend=backend)
+    expected = torch.autograd.grad(loss, weight, retain_graph=True)[0] * 0.25
+    assert _big_allocations_in_backward(loss * 0.25, weight.numel() * 4) == []
+    assert torch.equal(weight.grad, expected)
+
+
+@pytest.mark.parametrize("scales", [(2.5, 0.5), (1.0, 3.0), (0.0, 2.0)])
+def test_a_retained_graph_backpropagated_again_gets_each_scale(scales):
+    """With retain_graph the saved gradients stay untouched (a retained backward gets copies), so the
+    last backward's in-place scaling cannot reach what an earlier one returned."""
+    hidden, weight, targets = _inputs(5)
+    loss = alignfast.linear_cross_entropy(hidden, weight, targets, backend="chunked")
+    unit = torch.autograd.grad(alignfast.linear_cross_entropy(hidden, weight, targets, backend="reference"),
+                               (hidden, weight))
+    first = torch.autograd.grad(loss * scales[0], (hidden, weight), retain_graph=True)
+    second = torch.autograd.grad(loss * scales[1], (hidden, weight))
+    for got_first, got, u in zip(first, second, unit):
+        torch.testing.assert_close(got_first, u * scales[0], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(got, u * scales[1], rtol=1e-12, atol=1e-14)
