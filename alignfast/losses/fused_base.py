@@ -123,6 +123,13 @@ class LinearLossBase(nn.Module):
 
     unit = "sequence"
 
+    def __init_subclass__(cls, **kwargs):
+        # Every fused loss is one opaque call to torch.compile, as the public ops are (README,
+        # torch.compile): tracing its chunk loop would specialise the graph on each batch's token count.
+        super().__init_subclass__(**kwargs)
+        if "forward" in cls.__dict__:
+            cls.forward = torch.compiler.disable(cls.forward)
+
     def __init__(self, *, ignore_index: int = -100, temperature: float = 1.0, softcap: float | None = None,
                  backend: str = "auto", chunk_size: int | None = None, grad_filter_eps: float | None = None):
         super().__init__()

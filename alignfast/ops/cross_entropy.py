@@ -62,6 +62,7 @@ class FusedLinearCrossEntropyFunction(GradientInForward):
         return terms.per_token(st.logprob, st.lse, st.zmean).sum() * terms.token_weight
 
 
+@torch.compiler.disable  # one opaque call under torch.compile: tracing the chunk loop recompiled per N
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          bias: torch.Tensor | None = None, *, ignore_index: int = -100,
                          reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,

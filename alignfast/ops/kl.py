@@ -328,6 +328,7 @@ def kl_per_token(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets
     return kl.new_zeros(targets_mask.shape[0]).index_copy(0, idx, kl)
 
 
+@torch.compiler.disable  # one opaque call under torch.compile: tracing the chunk loop recompiled per N
 def linear_kl(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tensor, ref_weight: torch.Tensor,
               *, bias: torch.Tensor | None = None, ref_bias: torch.Tensor | None = None,
               targets_mask: torch.Tensor | None = None, reverse: bool = False, temperature: float = 1.0,

@@ -133,6 +133,7 @@ def _drop_empty(out, opts: LogitOptions):
     return logprob, entropy if opts.with_entropy else None, lse, zmean if opts.with_zmean else None
 
 
+@torch.compiler.disable  # one opaque call under torch.compile: tracing the chunk loop recompiled per N
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                     bias: torch.Tensor | None = None, *, temperature: float = 1.0,
                     softcap: float | None = None, ignore_index: int = -100,
