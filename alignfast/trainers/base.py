@@ -288,6 +288,8 @@ class Trainer:
                 if cfg.save_steps and self.step % cfg.save_steps == 0 and not self.bad_in_a_row:
                     self.save_checkpoint()
                     last_saved = self.step
+            if not last and log:  # a finished run resumed: its last training row, as the run returned it
+                last = log.last_row("train")
             last.update({f"eval_{k}": v for k, v in self._log_eval(log).items()})
             if last_saved != self.step:
                 self.save_checkpoint()

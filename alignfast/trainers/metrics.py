@@ -57,6 +57,17 @@ class MetricsLogger:
         with open(self.path, "w", encoding="utf-8") as f:
             f.writelines(line for line in lines if _key(json.loads(line)) != (step, split))
 
+    def last_row(self, split: str) -> dict:
+        """The metrics of the file's last `split` row (without step and split), or {}."""
+        row = {}
+        if os.path.exists(self.path):
+            with open(self.path, encoding="utf-8") as f:
+                for line in f:
+                    candidate = json.loads(line)
+                    if candidate.get("split") == split:
+                        row = candidate
+        return {k: v for k, v in row.items() if k not in ("step", "split")}
+
     def log(self, step: int, split: str, metrics: dict, *, echo: bool = True) -> None:
         row = {"step": step, "split": split, **{k: _plain(v) for k, v in metrics.items()}}
         if step == self.resume_step and split in self._splits_at_resume:

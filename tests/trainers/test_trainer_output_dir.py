@@ -42,11 +42,12 @@ def test_a_new_run_refuses_an_output_dir_with_checkpoints(tiny_model_dir, tmp_pa
 def test_resuming_a_finished_run_adds_nothing(tiny_model_dir, tmp_path):
     """Its final eval was logged again (the row duplicated) when the last checkpoint came after it."""
     common = ["max_steps=3", "eval_fraction=0.25"]
-    make_trainer("sft", tiny_model_dir, tmp_path, common).train()
+    finished = make_trainer("sft", tiny_model_dir, tmp_path, common).train()
     before, weights = _rows(tmp_path), load_file(tmp_path / "model.safetensors")
     assert [(r["step"], r["split"]) for r in before] == [(1, "train"), (2, "train"), (3, "train"), (3, "eval")]
-    make_trainer("sft", tiny_model_dir, tmp_path, common + ["resume_from=latest"]).train()
+    again = make_trainer("sft", tiny_model_dir, tmp_path, common + ["resume_from=latest"]).train()
     assert _rows(tmp_path) == before
+    assert again.keys() == finished.keys() and again["loss"] == finished["loss"]  # not only eval_*
     after = load_file(tmp_path / "model.safetensors")
     assert all(torch.equal(weights[k], after[k]) for k in weights)
 
