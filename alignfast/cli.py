@@ -99,16 +99,21 @@ def run_train(args) -> int:
     except (ValueError, OSError) as e:
         print(f"alignfast: {e}", file=sys.stderr)
         return 2
+    # TrainingStopped and CheckpointError reach every process together, so they end at the closing
+    # barrier as a finished run does; any other error may be this process's alone, with the others
+    # inside a collective: it propagates without the barrier (which would hang), and the launcher
+    # (torchrun) tears the group down.
     try:
         metrics = trainer.train()
     except TrainingStopped as e:
+        trainer.end_training()
         print(f"alignfast: {e}", file=sys.stderr)
         return 3
-    except CheckpointError as e:  # resume_from: missing, torn, or another run's
+    except CheckpointError as e:  # resume_from: missing, torn, or another run's; an occupied output_dir
+        trainer.end_training()
         print(f"alignfast: {e}", file=sys.stderr)
         return 2
-    finally:
-        trainer.end_training()
+    trainer.end_training()
     if trainer.accelerator.is_main_process:
         print(json.dumps({"output_dir": cfg.output_dir, **metrics}))
     return 0

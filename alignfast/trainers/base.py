@@ -315,9 +315,12 @@ class Trainer:
         examples = self.eval_data if examples is None else examples
         acc = self.accelerator
         mine, size = examples[acc.process_index::acc.num_processes], self.cfg.per_device_batch_size
-        # (examples, weight) per batch. A process whose share is empty (fewer examples than processes)
-        # still runs one batch, weighted 0: the metrics' all-reduce needs the same names everywhere.
-        batches = [(mine[i:i + size], 1) for i in range(0, len(mine), size)] or [(examples[:1], 0)] * bool(examples)
+        # (examples, weight) per batch. Every process runs as many batches as the largest share needs,
+        # a short one filling with batches weighted 0: the collectives inside a step (KTO's KL gather,
+        # FSDP's gathers) and the metrics' all-reduce need every process, with the same names.
+        n_batches = math.ceil(math.ceil(len(examples) / acc.num_processes) / size)
+        batches = [(mine[i * size:(i + 1) * size], 1) for i in range(n_batches)]
+        batches = [(chunk, 1) if chunk else (examples[:1], 0) for chunk, _ in batches]
         was_training = self.model.training
         self.model.eval()
         loss_sum, n = torch.zeros((), device=acc.device), 0
@@ -358,9 +361,9 @@ class Trainer:
         """Restores what `extra_state` saved (`state`: the checkpoint's whole trainer state)."""
 
     def _maybe_resume(self) -> int | None:
-        if not self.cfg.resume_from:
-            if self.accelerator.is_main_process:
-                ckpt.clear_for_new_run(self.cfg.output_dir, self.cfg.overwrite_output_dir)
+        if not self.cfg.resume_from:  # every process checks (so all raise together), the main one deletes
+            ckpt.clear_for_new_run(self.cfg.output_dir, self.cfg.overwrite_output_dir,
+                                   delete=self.accelerator.is_main_process)
             self.accelerator.wait_for_everyone()
             return None
         candidates = ckpt.resume_candidates(self.cfg.resume_from, self.cfg.output_dir)

@@ -175,10 +175,10 @@ def resume_candidates(resume_from: str, output_dir: str) -> list[str]:
     return [resume_from]
 
 
-def clear_for_new_run(output_dir: str, overwrite: bool) -> None:
+def clear_for_new_run(output_dir: str, overwrite: bool, delete: bool = True) -> None:
     """Before a run that does not resume: refuse an output_dir that holds checkpoints (a new run
     there would prune them as its own, and a later --resume could pick one of them up), or, with
-    `overwrite`, delete them. Call on the main process."""
+    `overwrite`, delete them (where `delete`: the main process)."""
     found = checkpoint_dirs(output_dir)
     if not found:
         return
@@ -187,7 +187,7 @@ def clear_for_new_run(output_dir: str, overwrite: bool) -> None:
             f"output_dir {output_dir!r} holds checkpoints of an earlier run ({os.path.basename(found[-1][1])}"
             f"{f' and {len(found) - 1} more' if len(found) > 1 else ''}): continue it with --resume, or start "
             "over in another output_dir or with overwrite_output_dir=true (deletes them)")
-    for _, path in found:
+    for _, path in found if delete else ():
         shutil.rmtree(path)
 
 

@@ -165,13 +165,19 @@ class OnlineTrainer(Trainer):
         """Mean reward (and each source's), completion length and EOS rate of one sample per
         held-out prompt (seeded: the same samples for the same weights)."""
         examples = self.eval_data if examples is None else examples
-        mine = examples[self.accelerator.process_index::self.accelerator.num_processes]
-        if not mine:
+        if not examples:
             return {}
+        mine = examples[self.accelerator.process_index::self.accelerator.num_processes]
+        # A process without a share samples one prompt weighted 0: the sums' all-reduce (and FSDP's
+        # forwards while sampling) need every process. Means over all prompts, each counted once.
+        weight, mine = (1.0, mine) if mine else (0.0, examples[:1])
         completions = self.sample(mine, self.sampling_seed(-1))
         total, per_source = self.rewards(mine, completions)
         eos = self.tokenizer.eos_token_id
-        out = {"reward": float(total.mean()), **{f"rewards/{k}": float(v.mean()) for k, v in per_source.items()},
-               "completion_length": sum(map(len, completions)) / len(completions),
-               "eos_fraction": sum(bool(c) and c[-1] == eos for c in completions) / len(completions)}
-        return self.mean_across_processes(out)
+        sums = {"reward": float(total.sum()), **{f"rewards/{k}": float(v.sum()) for k, v in per_source.items()},
+                "completion_length": float(sum(map(len, completions))),
+                "eos_fraction": float(sum(bool(c) and c[-1] == eos for c in completions))}
+        names = list(sums)
+        totals = self._reduce_sum([torch.tensor(weight * sums[n]) for n in names]
+                                  + [torch.tensor(weight * len(mine))]).tolist()
+        return {n: v / totals[-1] for n, v in zip(names, totals)}

@@ -1,4 +1,4 @@
-"""Runs SFT then DPO (or GRPO, PPO) for a few steps on the tiny model; launched by
+"""Runs SFT then DPO (or KTO, GRPO, PPO) for a few steps on the tiny model; launched by
 test_trainer_distributed.py.
 
     torchrun --nproc_per_node 2 distributed_driver.py MODEL OUT [--fsdp] [--stages sft,dpo]
@@ -33,10 +33,11 @@ def digit_fraction(prompts, completions, **kw):
     return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
 
 
-RECORDS = {"sft": toy.sft_records, "dpo": toy.preference_records, "grpo": prompt_records, "ppo": prompt_records}
+RECORDS = {"sft": toy.sft_records, "dpo": toy.preference_records, "kto": toy.unpaired_records, "grpo": prompt_records,
+           "ppo": prompt_records}
 MAX_NEW_TOKENS = 6  # temperature 1, no top-k/top-p
 ONLINE = [f"max_new_tokens={MAX_NEW_TOKENS}"]
-EXTRA = {"sft": ["learning_rate=3e-3"], "dpo": ["learning_rate=3e-3", "beta=0.5"],
+EXTRA = {"sft": ["learning_rate=3e-3"], "dpo": ["learning_rate=3e-3", "beta=0.5"], "kto": ["learning_rate=3e-3"],
          "grpo": ["learning_rate=3e-3", "num_generations=2", "beta=0.1", *ONLINE],
          "ppo": ["learning_rate=3e-3", "num_ppo_epochs=1", *ONLINE]}
 

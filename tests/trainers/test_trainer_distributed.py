@@ -11,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from alignfast.data import toy
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 STEPS = 2
 EXTRA_KEYS = {"dpo": ("rewards/margins", "rewards/accuracies"), "grpo": ("reward", "kl", "entropy")}
@@ -66,12 +68,44 @@ def test_ddp_two_processes_equal_one(tiny_model_dir, tmp_path, one_process):
         _assert_same_run(tmp_path, one_process, stage)
 
 
-def test_ddp_eval_set_smaller_than_the_processes(tiny_model_dir, tmp_path):
+def _evals(path):
+    return [r for r in map(json.loads, open(path)) if r["split"] == "eval"]
+
+
+def test_ddp_eval_sets_the_processes_share_unevenly(tiny_model_dir, tmp_path):
     """One held-out example for 2 processes: the process without one still joins the metrics' all-reduce
-    (it hung there), and the eval loss is that example's."""
-    _torchrun(tiny_model_dir, tmp_path, "--stages", "sft", "--eval-examples", "1")
-    evals = [r for r in map(json.loads, open(tmp_path / "sft" / "metrics.jsonl")) if r["split"] == "eval"]
-    assert evals and all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in evals)
+    (SFT hung there, and GRPO's online eval); five at batch 2 (KTO): one process runs 2 batches, the other
+    1 plus a filler weighted 0, so each batch's KL gather has both (it hung at the second)."""
+    _torchrun(tiny_model_dir, tmp_path / "one", "--stages", "sft,grpo", "--eval-examples", "1")
+    sft, grpo = _evals(tmp_path / "one" / "sft" / "metrics.jsonl"), _evals(tmp_path / "one" / "grpo" / "metrics.jsonl")
+    assert sft and all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in sft)
+    assert grpo and all(0 <= r["reward"] <= 1 and r["completion_length"] > 0 for r in grpo)
+    _torchrun(tiny_model_dir, tmp_path / "five", "--stages", "kto", "--eval-examples", "5", "--batch", "2")
+    kto = _evals(tmp_path / "five" / "kto" / "metrics.jsonl")
+    assert kto and all(math.isfinite(r["loss"]) for r in kto)
+
+
+def test_an_error_on_one_process_ends_the_run_with_it(tiny_model_dir, tmp_path):
+    """The CLI waited at its closing barrier after an exception while the other process sat in its next
+    collective: both hung, and the traceback never showed. Now the error surfaces and torchrun stops."""
+    from alignfast.data import write_jsonl
+
+    (tmp_path / "rank_rewards.py").write_text(
+        "import os\n"
+        "def boom_on_rank1(prompts, completions, **kw):\n"
+        "    if os.environ.get('RANK') == '1':\n"
+        "        raise RuntimeError('reward function failed on rank 1')\n"
+        "    return [0.5] * len(completions)\n")
+    data = write_jsonl([{"prompt": r["prompt"]} for r in toy.sft_records(16)], tmp_path / "prompts.jsonl")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [str(tmp_path), os.path.dirname(os.path.dirname(HERE)), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "alignfast.cli", "train", "grpo", "--model", tiny_model_dir, "--dataset", data, "--output-dir",
+           str(tmp_path / "out"), "per_device_batch_size=2", "max_steps=2", "num_generations=2",
+           "max_new_tokens=4", "max_length=32", "disable_tqdm=true", "reward_funcs=[rank_rewards:boom_on_rank1]"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0
+    assert "reward function failed on rank 1" in proc.stderr
 
 
 def test_fsdp2_two_processes_dpo_gathers_the_sharded_head(tiny_model_dir, tmp_path, one_process):
