@@ -92,8 +92,10 @@ def test_an_error_on_one_process_ends_the_run_with_it(tiny_model_dir, tmp_path):
 
     (tmp_path / "rank_rewards.py").write_text(
         "import os\n"
+        "CALLS = [0]\n"
         "def boom_on_rank1(prompts, completions, **kw):\n"
-        "    if os.environ.get('RANK') == '1':\n"
+        "    CALLS[0] += 1\n"
+        "    if os.environ.get('RANK') == '1' and CALLS[0] == 2:  # step 2: process 0 is then in a metrics all-reduce\n"
         "        raise RuntimeError('reward function failed on rank 1')\n"
         "    return [0.5] * len(completions)\n")
     data = write_jsonl([{"prompt": r["prompt"]} for r in toy.sft_records(16)], tmp_path / "prompts.jsonl")
@@ -101,8 +103,9 @@ def test_an_error_on_one_process_ends_the_run_with_it(tiny_model_dir, tmp_path):
         [str(tmp_path), os.path.dirname(os.path.dirname(HERE)), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
            "alignfast.cli", "train", "grpo", "--model", tiny_model_dir, "--dataset", data, "--output-dir",
-           str(tmp_path / "out"), "per_device_batch_size=2", "max_steps=2", "num_generations=2",
-           "max_new_tokens=4", "max_length=32", "disable_tqdm=true", "reward_funcs=[rank_rewards:boom_on_rank1]"]
+           str(tmp_path / "out"), "per_device_batch_size=4", "max_steps=3", "num_generations=2",
+           "max_new_tokens=6", "max_length=32", "logging_steps=1", "disable_tqdm=true", "cpu=true",
+           "reward_funcs=[rank_rewards:boom_on_rank1]"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode != 0
     assert "reward function failed on rank 1" in proc.stderr
