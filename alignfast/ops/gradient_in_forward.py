@@ -7,8 +7,6 @@ saves those gradients and the backward only scales them by the incoming scalar g
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from alignfast.ops.first_order import first_order

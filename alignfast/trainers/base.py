@@ -379,9 +379,9 @@ class Trainer:
                 logger.warning("%s; resuming from the one before, %s", e, candidates[i + 1])
         if state.get("data_fingerprint", self.data_fingerprint) != self.data_fingerprint:
             raise ckpt.CheckpointError(
-                f"checkpoint {path!r} was trained on other data: the tokenized training examples differ from "
-                "its (an edited dataset file, another tokenizer); resumed, the run would not continue the same "
-                "run. Start over in another output_dir or with overwrite_output_dir=true")
+                f"checkpoint {path!r} was trained on other data: this run's tokenized training examples differ "
+                "from the checkpoint's (an edited dataset file, another tokenizer), so resuming would not continue "
+                "that run. Start over in another output_dir or with overwrite_output_dir=true")
         self.step, self.skipped_steps = state["step"], state.get("skipped_steps", 0)
         self.load_extra_state(state)
         logger.info("resumed from %s at step %d", path, self.step)
