@@ -90,40 +90,10 @@ def grad_(z: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, entropy: to
 
 def stats_grad_(z: torch.Tensor, targets: torch.Tensor, opts: LogitOptions, upstream) -> RowStats:
     """`stats`, then `grad_` with the upstream gradients `upstream(stats)` gives, overwriting `z`
-    with ∂L/∂z. Without entropy this needs no second block: p = e^{x−m}/s is formed in place; with
-    it, one (e^{x−m}, beside the shifted logits from which log p is formed in place)."""
-    if opts.with_entropy:
-        return _stats_grad_entropy_(z, targets, opts, upstream)
-    inv_t = 1.0 / opts.temperature
-    x = tempered(z, opts, inplace=True)
-    cap_slope = None
-    if opts.softcap is not None:
-        cap_slope = (x * (opts.temperature / opts.softcap)).square_().neg_().add_(1.0)
-    m = x.amax(dim=1)
-    target_logit = x.gather(1, targets[:, None]).squeeze(1)
-    zmean = x.mean(dim=1) if opts.with_zmean else None
-    e = x.sub_(m[:, None]).exp_()
-    s = e.sum(dim=1)
-    lse = m + s.log()
-    st = RowStats(target_logit - lse, None, lse, zmean)
-
-    g_logprob, _, g_lse, g_zmean = upstream(st)
-    zero = torch.zeros((), dtype=z.dtype, device=z.device)
-    coef = ((g_lse if g_lse is not None else zero) - (g_logprob if g_logprob is not None else zero)) * inv_t
-    dz = e.mul_((coef / s)[:, None])
-    if g_logprob is not None:
-        dz.scatter_add_(1, targets[:, None], (g_logprob * inv_t)[:, None].to(dz.dtype))
-    if g_zmean is not None:
-        dz.add_((g_zmean * (inv_t / z.shape[1]))[:, None])
-    if cap_slope is not None:
-        dz.mul_(cap_slope)
-    return st, dz
-
-
-def _stats_grad_entropy_(z: torch.Tensor, targets: torch.Tensor, opts: LogitOptions, upstream):
-    """`stats_grad_` with the entropy: H = log s − Σ e·(x−m)/s, and
-    ∂L/∂x = p·(c0 + ce·log p) (+ the target's and the mean logit's terms), c0 = (g_lse − g_lp − g_H·H)/T,
-    ce = −g_H/T, with log p = (x − m) − log s formed in z and p = e/s."""
+    with ∂L/∂z. With e = e^{x−m} and s = Σe: p = e/s, and ∂L/∂x = p·(c0 + ce·log p) (+ the target's
+    and the mean logit's terms), c0 = (g_lse − g_lp − g_H·H)/T, ce = −g_H/T. Without entropy e is
+    formed in place (no second block); with it, e is the one block beside the shifted logits, from
+    which log p = (x − m) − log s is formed in place, and H = log s − Σ e·(x−m)/s."""
     inv_t = 1.0 / opts.temperature
     x = tempered(z, opts, inplace=True)
     cap_slope = None
@@ -133,24 +103,26 @@ def _stats_grad_entropy_(z: torch.Tensor, targets: torch.Tensor, opts: LogitOpti
     target_logit = x.gather(1, targets[:, None]).squeeze(1)
     zmean = x.mean(dim=1) if opts.with_zmean else None
     shifted = x.sub_(m[:, None])
-    e = shifted.exp()
+    e = shifted.exp() if opts.with_entropy else shifted.exp_()
     s = e.sum(dim=1)
     log_s = s.log()
-    weighted = torch.bmm(e[:, None, :], shifted[:, :, None]).view(-1)  # Σ_v e·(x−m), no [n, V] temporary
-    st = RowStats(target_logit - (m + log_s), log_s - weighted / s, m + log_s, zmean)
+    lse = m + log_s
+    entropy = None
+    if opts.with_entropy:  # Σ_v e·(x−m) as a batched dot: no [n, V] temporary
+        entropy = log_s - torch.bmm(e[:, None, :], shifted[:, :, None]).view(-1) / s
+    st = RowStats(target_logit - lse, entropy, lse, zmean)
 
     g_logprob, g_entropy, g_lse, g_zmean = upstream(st)
     zero = torch.zeros((), dtype=z.dtype, device=z.device)
     coef = (g_lse if g_lse is not None else zero) - (g_logprob if g_logprob is not None else zero)
     if g_entropy is not None:
-        coef = coef - g_entropy * st.entropy
-    coef = (coef * inv_t).expand(z.shape[0])[:, None]
-    log_p = shifted.sub_(log_s[:, None])
-    if g_entropy is not None:
-        log_p.mul_((-inv_t * g_entropy)[:, None]).add_(coef)
+        coef = coef - g_entropy * entropy
+    coef = (coef * inv_t).expand(z.shape[0])
+    if g_entropy is None:
+        dz = e.mul_((coef / s)[:, None])
     else:
-        log_p.copy_(coef.expand_as(log_p))
-    dz = log_p.mul_(e).div_(s[:, None])
+        log_p = shifted.sub_(log_s[:, None])
+        dz = log_p.mul_((-inv_t * g_entropy)[:, None]).add_(coef[:, None]).mul_(e).div_(s[:, None])
     if g_logprob is not None:
         dz.scatter_add_(1, targets[:, None], (g_logprob * inv_t)[:, None].to(dz.dtype))
     if g_zmean is not None:
