@@ -15,7 +15,6 @@ A stage implements `samples_per_prompt`, `rollout_epochs`, `make_experience`, `c
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 import torch
