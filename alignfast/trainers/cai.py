@@ -50,7 +50,7 @@ from alignfast.data import load_records, prepare_dataset, write_jsonl
 from alignfast.data.constitution import constitution_digest, load_constitution
 from alignfast.data.formats import is_conversational
 from alignfast.trainers import checkpoint as ckpt
-from alignfast.trainers.config import NOT_HASHED, TrainConfig, _check_model_path, opt
+from alignfast.trainers.config import TrainConfig, _check_model_path, opt
 from alignfast.trainers.dpo import DPOConfig, DPOTrainer, loss_types
 from alignfast.trainers.feedback import (CallableFeedback, LMFeedback, as_feedback, feedback_call,
     revision_win_rate)
@@ -240,7 +240,7 @@ class CAITrainer:
 
     # ---- artefacts and their hashes --------------------------------------------------------------
     def _hashes(self, rl_from_sl: bool) -> dict:
-        d = {k: v for k, v in self.cfg.to_dict().items() if k not in NOT_HASHED and k != "stages"}
+        d = {k: v for k, v in self.cfg.identity().items() if k != "stages"}
         gen = {k: d[k] for k in GENERATION_KEYS}
         gen.update(constitution=constitution_digest(self.cfg.constitution), feedback=self._feedback_id,
                    prompts=self._prompts_digest)

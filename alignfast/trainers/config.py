@@ -165,9 +165,15 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def identity(self) -> dict:
+        """The options that determine the trained weights (not logging/checkpoint cadence), with paths
+        beside output_dir relative to the folder holding it."""
+        base = os.path.dirname(os.path.abspath(self.output_dir))
+        return {k: _portable_path(v, base) for k, v in self.to_dict().items() if k not in NOT_HASHED}
+
     def config_hash(self) -> str:
-        """Hash of everything that determines the trained weights (not logging/checkpoint cadence)."""
-        d = {k: v for k, v in self.to_dict().items() if k not in NOT_HASHED}
+        """Hash of `identity()` and the stage."""
+        d = self.identity()
         d["stage"] = self.stage
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -179,6 +185,18 @@ class TrainConfig:
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
             out.append((f.name, default, f.metadata.get("help", "")))
         return out
+
+
+def _portable_path(value, base: str):
+    """An existing path beside the output_dir (the folder holding it), as relative to that folder:
+    runs that read each other's outputs (cai's stages: `model=<dir>/sl`, `output_dir=<dir>/rl`) keep
+    their identity, and resume, when the folder holding them all is moved or renamed."""
+    if not isinstance(value, str) or not value or not os.path.exists(value):
+        return value
+    path = os.path.abspath(value)
+    if os.path.commonpath([path, base]) != base or base == os.path.dirname(base):
+        return value
+    return "<beside output_dir>/" + os.path.relpath(path, base).replace(os.sep, "/")
 
 
 def _check_model_path(key: str, value: str) -> None:

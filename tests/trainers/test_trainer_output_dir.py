@@ -4,6 +4,7 @@ back to the one before."""
 import json
 import logging
 import os
+import shutil
 
 import pytest
 import torch
@@ -94,3 +95,30 @@ def test_rewriting_a_checkpoint_leaves_no_aside_copy(tiny_model_dir, tmp_path):
     tr.save_checkpoint()  # the same step again: the old copy is set aside, then removed
     assert _checkpoints(tmp_path) == ["checkpoint-000001"]
     assert not [p for p in os.listdir(tmp_path) if p.endswith((".old", ".tmp"))]
+
+
+def test_a_moved_folder_of_runs_still_resumes(tiny_model_dir, tmp_path):
+    """A run whose model lies beside its output_dir (cai's stages: model=<dir>/sl, output_dir=<dir>/rl)
+    hashed the model's absolute path, so moving or renaming the folder holding both made --resume refuse
+    its own checkpoints as another run's."""
+    shutil.copytree(tiny_model_dir, tmp_path / "before" / "sl")
+    common = ["max_steps=2", "save_steps=1", "learning_rate=3e-3"]
+
+    def trainer(folder, *extra):
+        cfg = load_config(SFTConfig, None, FAST + common + list(extra), model=str(folder / "sl"),
+                          output_dir=str(folder / "rl"))
+        return SFTTrainer(cfg, train_dataset=toy.sft_records(32))
+
+    trainer(tmp_path / "before").train()
+    os.rename(tmp_path / "before", tmp_path / "after")
+    os.remove(tmp_path / "after" / "rl" / "checkpoint-000002" / "optimizer.pt")  # step 2 is redone
+    finished = load_file(tmp_path / "after" / "rl" / "model.safetensors")
+    trainer(tmp_path / "after", "resume_from=latest").train()
+    again = load_file(tmp_path / "after" / "rl" / "model.safetensors")
+    assert all(torch.equal(finished[k], again[k]) for k in finished)
+    # a model elsewhere is still a different run
+    shutil.copytree(tmp_path / "after" / "sl", tmp_path / "other_model")
+    cfg = load_config(SFTConfig, None, FAST + common + ["resume_from=latest"], model=str(tmp_path / "other_model"),
+                      output_dir=str(tmp_path / "after" / "rl"))
+    with pytest.raises(CheckpointError, match="belongs to another run"):
+        SFTTrainer(cfg, train_dataset=toy.sft_records(32)).train()
