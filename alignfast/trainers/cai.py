@@ -44,6 +44,7 @@ import random
 import shutil
 from dataclasses import dataclass
 
+import torch
 from accelerate import Accelerator
 
 from alignfast.data import load_records, prepare_dataset, write_jsonl
@@ -278,14 +279,31 @@ class CAITrainer:
         if self._is_current(key, hashes, path):
             logger.info("cai: reusing %s (same config hash)", path)
             return load_records(path), True
+        failed = None
         if self.accelerator.is_main_process:
-            write_jsonl(make_rows(), path + ".tmp")
-            os.replace(path + ".tmp", path)
-            self._drop_checkpoints(*((stage, REWARD_STAGE) if stage == "rl" else (stage,)))  # other data
+            try:
+                write_jsonl(make_rows(), path + ".tmp")
+                os.replace(path + ".tmp", path)
+                self._drop_checkpoints(*((stage, REWARD_STAGE) if stage == "rl" else (stage,)))  # other data
+            except Exception as e:
+                failed = e
+        self._raise_together(failed, f"making the {stage} stage's rows")
         downstream = ("sl_model", "rl_data", "rl_reward_model", "rl_model") if stage == "sl" else \
             ("rl_reward_model", "rl_model")
         self._mark(key, hashes[key], forget=downstream)
         return load_records(path), False
+
+    def _raise_together(self, error: Exception | None, doing: str) -> None:
+        """Raises `error` on its process and a pointer to it on the others, which would otherwise wait
+        in the next collective for a process that is gone and fail there with a connection error."""
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor([float(error is not None)], device=self.accelerator.device)
+            if self.accelerator.reduce(flag, reduction="sum").item() == 0:
+                return
+        if error is not None:
+            raise error
+        if self.accelerator.num_processes > 1:
+            raise RuntimeError(f"cai: the main process failed {doing} (its traceback is in its output)")
 
     def _path(self, name: str) -> str:
         return os.path.join(self.out, name)

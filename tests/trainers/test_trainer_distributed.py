@@ -148,3 +148,29 @@ def test_fsdp2_two_processes_sample_as_unsharded_grpo_ppo(tiny_model_dir, tmp_pa
     trained = load_file(two / "ppo" / "model.safetensors")
     before = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
     assert any(not torch.equal(trained[k], before[k]) for k in trained), "PPO did not change the policy"
+
+
+def test_cai_rows_failing_on_the_main_process_stop_every_process(tiny_model_dir, tmp_path):
+    """The main process makes cai's rows; when that raised, the other process waited in the next
+    collective and died there with a connection error that named nothing. Now it raises a pointer."""
+    (tmp_path / "cai_fails.py").write_text(
+        "import sys\n"
+        "from alignfast.trainers.cai import CAIConfig, CAITrainer\n"
+        "from alignfast.trainers.feedback import CallableFeedback\n"
+        "from alignfast.trainers import load_config\n"
+        "def critique(prompt, response, principle):\n"
+        "    raise RuntimeError('critique failed on the main process')\n"
+        "feedback = CallableFeedback(critique=critique, revise=lambda p, r, c, pr: r, compare=None)\n"
+        "cfg = load_config(CAIConfig, None, ['cpu=true', 'max_steps=1', 'max_new_tokens=4', 'max_length=32',\n"
+        "                  'per_device_batch_size=2', 'disable_tqdm=true', 'stages=[sl]'],\n"
+        "                  model=sys.argv[1], output_dir=sys.argv[2])\n"
+        "CAITrainer(cfg, train_dataset=[{'prompt': p} for p in ['Hi.', 'Why?', 'Say a word.', 'Count.']],\n"
+        "           feedback=feedback).train()\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [os.path.dirname(os.path.dirname(HERE)), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(tmp_path / "cai_fails.py"), tiny_model_dir, str(tmp_path / "out")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0
+    assert "critique failed on the main process" in proc.stderr
+    assert "cai: the main process failed making the sl stage's rows" in proc.stderr, proc.stderr[-4000:]
