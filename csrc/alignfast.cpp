@@ -39,9 +39,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_rows_stats_cpu_op(const at::Te
   return kl_stats(z, z_ref, temperature, reverse, c10::DeviceType::CPU, [](const auto& p) { kl_rows_stats_cpu(p); });
 }
 
-void kl_rows_grad_cpu_op(at::Tensor z, const at::Tensor& z_ref, const at::Tensor& lse, const at::Tensor& ref_lse,
-                         const at::Tensor& kl, const at::Tensor& g, double temperature, bool reverse) {
-  kl_grad_(z, z_ref, lse, ref_lse, kl, g, temperature, reverse, c10::DeviceType::CPU,
+void kl_rows_grad_cpu_op(at::Tensor z, at::Tensor z_ref, const at::Tensor& lse, const at::Tensor& ref_lse,
+                         const at::Tensor& kl, const at::Tensor& g, double temperature, bool reverse, bool into_ref) {
+  kl_grad_(z, z_ref, lse, ref_lse, kl, g, temperature, reverse, into_ref, c10::DeviceType::CPU,
            [](const auto& p) { kl_rows_grad_cpu(p); });
 }
 
@@ -73,11 +73,11 @@ TORCH_LIBRARY(alignfast, m) {
   m.def("logprob_rows_grad_(Tensor(a!) z, Tensor targets, Tensor lse, Tensor? entropy, Tensor? g_logprob, "
         "Tensor? g_entropy, Tensor? g_lse, Tensor? g_zmean, float temperature, float? softcap) -> ()");
   // KL row kernels on a policy / reference pair of raw logits blocks (kl_rows.h): stats leaves both
-  // unchanged; grad_ overwrites z with ∂(Σ g·kl)/∂z.
+  // unchanged; grad_ overwrites z (into_ref: z_ref, z unchanged) with ∂(Σ g·kl)/∂z.
   m.def("kl_rows_stats(Tensor z, Tensor z_ref, float temperature, bool reverse) "
         "-> (Tensor kl, Tensor lse, Tensor ref_lse)");
-  m.def("kl_rows_grad_(Tensor(a!) z, Tensor z_ref, Tensor lse, Tensor ref_lse, Tensor kl, Tensor g, "
-        "float temperature, bool reverse) -> ()");
+  m.def("kl_rows_grad_(Tensor(a!) z, Tensor(b!) z_ref, Tensor lse, Tensor ref_lse, Tensor kl, Tensor g, "
+        "float temperature, bool reverse, bool into_ref=False) -> ()");
   // GAE reverse scan over [B, T] rollouts (gae.h): (advantages, returns), 0 where valid is false.
   m.def("gae_scan(Tensor rewards, Tensor values, Tensor valid, float gamma, float lam) "
         "-> (Tensor advantages, Tensor returns)");

@@ -57,13 +57,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_stats(const at::Tensor& z, con
   return {kl, lse, ref_lse};
 }
 
-// grad: overwrites z with ∂L/∂z of Σ_rows g·kl. `launch` gets a KLGradParams<float|double>.
+// grad: overwrites z (into_ref: z_ref, leaving z as it was) with ∂L/∂z of Σ_rows g·kl. `launch` gets a
+// KLGradParams<float|double>.
 template <typename Launch>
-void kl_grad_(at::Tensor& z, const at::Tensor& z_ref, const at::Tensor& lse_in, const at::Tensor& ref_lse_in,
-              const at::Tensor& kl_in, const at::Tensor& g_in, double temperature, bool reverse,
+void kl_grad_(at::Tensor& z, at::Tensor& z_ref, const at::Tensor& lse_in, const at::Tensor& ref_lse_in,
+              const at::Tensor& kl_in, const at::Tensor& g_in, double temperature, bool reverse, bool into_ref,
               c10::DeviceType device_type, Launch&& launch) {
   check_kl_blocks(z, z_ref, temperature, device_type);
-  at::assert_no_internal_overlap(z);  // written in place: rows sharing memory would race
+  at::Tensor& out = into_ref ? z_ref : z;
+  at::assert_no_internal_overlap(out);  // written in place: rows sharing memory would race
+  if (into_ref) at::assert_no_partial_overlap(z, z_ref);  // z is read while z_ref is written
   const at::Tensor lse = *checked_row_vector(lse_in, "lse", z);
   const at::Tensor ref_lse = *checked_row_vector(ref_lse_in, "ref_lse", z);
   const at::Tensor kl = *checked_row_vector(kl_in, "kl", z);
@@ -73,6 +76,8 @@ void kl_grad_(at::Tensor& z, const at::Tensor& z_ref, const at::Tensor& lse_in, 
     KLGradParams<scalar_t> p;
     p.z = z.data_ptr<scalar_t>();
     p.z_ref = z_ref.data_ptr<scalar_t>();
+    p.out = out.data_ptr<scalar_t>();
+    p.out_stride = out.stride(0);
     p.lse = lse.data_ptr<scalar_t>();
     p.ref_lse = ref_lse.data_ptr<scalar_t>();
     p.kl = kl.data_ptr<scalar_t>();

@@ -11,7 +11,8 @@
 // computed in one pass with online maxima m, m_r: a = Σ e^{x−m}·((x−m) − (y−m_r)) gives
 // kl = a/s − log s + log s_r (s = Σ e^{x−m}, s_r = Σ e^{y−m_r}); the reverse swaps the roles.
 // For the upstream gradient g of a row's kl, the gradient on the raw policy logits:
-//   forward: ∂L/∂z_v = g/T · p_v·((log p_v − log q_v) − kl),   reverse: ∂L/∂z_v = g/T · (p_v − q_v).
+//   forward: ∂L/∂z_v = g/T · p_v·((log p_v − log q_v) − kl),   reverse: ∂L/∂z_v = g/T · (p_v − q_v),
+// written over z, or over z_ref (a fused loss that forms its own gradient in z meanwhile).
 #pragma once
 
 #include <cstdint>
@@ -32,8 +33,10 @@ struct KLStatsParams {
 
 template <typename T>
 struct KLGradParams {
-  T* z = nullptr;            // in: policy raw logits; out: ∂L/∂z (laid out as in KLStatsParams)
+  const T* z = nullptr;      // policy raw logits (laid out as in KLStatsParams)
   const T* z_ref = nullptr;  // reference raw logits
+  T* out = nullptr;          // ∂L/∂z, at out[r·out_stride + v]: z's memory, or z_ref's (each element
+  int64_t out_stride = 0;    // is read before it is written, so out may be either input)
   const T* lse = nullptr;    // [rows] from the stats pass
   const T* ref_lse = nullptr;  // [rows] from the stats pass
   const T* kl = nullptr;     // [rows] from the stats pass (read for the forward KL only)

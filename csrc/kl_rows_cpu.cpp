@@ -101,7 +101,7 @@ void stats_rows(const KLStatsParams<T>& p, int64_t begin, int64_t end) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// grad, in place: with lp = x − lse, lq = y − ref_lse and c = g/T,
+// grad, in place (over z or z_ref): with lp = x − lse, lq = y − ref_lse and c = g/T,
 //   forward: ∂L/∂z = c·e^{lp}·((lp − lq) − kl),   reverse: ∂L/∂z = c·(e^{lp} − e^{lq}).
 // ------------------------------------------------------------------------------------------------
 template <typename T, bool REV>
@@ -113,8 +113,9 @@ void grad_rows(const KLGradParams<T>& p, int64_t begin, int64_t end) {
   const int64_t full = p.vocab / W * W;
 
   for (int64_t row = begin; row < end; ++row) {
-    T* z = p.z + row * p.z_stride;
+    const T* z = p.z + row * p.z_stride;
     const T* zr = p.z_ref + row * p.ref_stride;
+    T* out = p.out + row * p.out_stride;
     const V lse = splat<T>(p.lse[row]), ref_lse = splat<T>(p.ref_lse[row]);
     const V c = splat<T>(p.g[row] / static_cast<T>(p.temperature));
     const V kl = splat<T>(REV ? T(0) : p.kl[row]);
@@ -123,10 +124,10 @@ void grad_rows(const KLGradParams<T>& p, int64_t begin, int64_t end) {
       if constexpr (REV) return c * (S::exp(lp) - S::exp(lq));
       return c * S::exp(lp) * ((lp - lq) - kl);
     };
-    for (int64_t i = 0; i < full; i += W) store(z + i, grad(load(z + i), load(zr + i)));
+    for (int64_t i = 0; i < full; i += W) store(out + i, grad(load(z + i), load(zr + i)));
     if (full < p.vocab) {
       const int64_t rest = p.vocab - full;
-      store_partial(z + full, grad(load_partial<T>(z + full, rest, T(0)), load_partial<T>(zr + full, rest, T(0))),
+      store_partial(out + full, grad(load_partial<T>(z + full, rest, T(0)), load_partial<T>(zr + full, rest, T(0))),
                     rest);
     }
   }

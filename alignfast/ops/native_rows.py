@@ -58,7 +58,7 @@ def _register_fakes() -> None:
             return z.new_empty(n), z.new_empty(n), z.new_empty(n)
 
         @torch.library.register_fake(KL_GRAD_OP)
-        def _kl_grad_fake(z, z_ref, lse, ref_lse, kl, g, temperature, reverse):
+        def _kl_grad_fake(z, z_ref, lse, ref_lse, kl, g, temperature, reverse, into_ref=False):
             return None
 
         _native.no_derivative(KL_STATS_OP, "alignfast.linear_kl")
@@ -110,9 +110,10 @@ def kl_stats(z: torch.Tensor, z_ref: torch.Tensor, temperature: float, reverse: 
 
 
 def kl_grad_(z: torch.Tensor, z_ref: torch.Tensor, lse: torch.Tensor, ref_lse: torch.Tensor, kl: torch.Tensor,
-             g: torch.Tensor, temperature: float, reverse: bool) -> torch.Tensor:
-    """Overwrites the policy's raw logits block z [n, V] with ∂(Σ g·kl)/∂z and returns it."""
+             g: torch.Tensor, temperature: float, reverse: bool, *, into_ref: bool = False) -> torch.Tensor:
+    """Overwrites the policy's raw logits block z [n, V] with ∂(Σ g·kl)/∂z and returns it; `into_ref`:
+    overwrites z_ref instead (z stays as it was, for a pass that forms another gradient in it)."""
     _require()
     torch.ops.alignfast.kl_rows_grad_(z, z_ref, _rows(lse, z), _rows(ref_lse, z), _rows(kl, z), _rows(g, z),
-                                      temperature, reverse)
-    return z
+                                      temperature, reverse, into_ref)
+    return z_ref if into_ref else z

@@ -51,10 +51,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_rows_stats_cuda_op(const at::T
   });
 }
 
-void kl_rows_grad_cuda_op(at::Tensor z, const at::Tensor& z_ref, const at::Tensor& lse, const at::Tensor& ref_lse,
-                          const at::Tensor& kl, const at::Tensor& g, double temperature, bool reverse) {
+void kl_rows_grad_cuda_op(at::Tensor z, at::Tensor z_ref, const at::Tensor& lse, const at::Tensor& ref_lse,
+                          const at::Tensor& kl, const at::Tensor& g, double temperature, bool reverse,
+                          bool into_ref) {
   const c10::cuda::OptionalCUDAGuard guard(z.device());
-  kl_grad_(z, z_ref, lse, ref_lse, kl, g, temperature, reverse, c10::DeviceType::CUDA, [](const auto& p) {
+  kl_grad_(z, z_ref, lse, ref_lse, kl, g, temperature, reverse, into_ref, c10::DeviceType::CUDA, [](const auto& p) {
     C10_CUDA_CHECK(kl_rows_grad_cuda(p, c10::cuda::getCurrentCUDAStream().stream()));
   });
 }

@@ -145,15 +145,16 @@ __global__ void __launch_bounds__(kThreads) kl_stats_kernel(KLStatsParams<T> p) 
   }
 }
 
-// grad: z overwritten in place with c·e^{lp}·((lp − lq) − kl) (forward) or c·(e^{lp} − e^{lq})
-// (reverse), lp = x − lse, lq = y − ref_lse, c = g/T.
+// grad: out (z's or z_ref's memory) overwritten with c·e^{lp}·((lp − lq) − kl) (forward) or
+// c·(e^{lp} − e^{lq}) (reverse), lp = x − lse, lq = y − ref_lse, c = g/T.
 template <typename T, bool REV>
 __global__ void __launch_bounds__(kThreads) kl_grad_kernel(KLGradParams<T> p) {
   using P = Pack<T>;
   constexpr int N = P::N;
   const int64_t row = blockIdx.x;
-  T* z = p.z + row * p.z_stride;
+  const T* z = p.z + row * p.z_stride;
   const T* zr = p.z_ref + row * p.ref_stride;
+  T* out = p.out + row * p.out_stride;
   const T inv_t = static_cast<T>(1.0 / p.temperature);
   const T lse = p.lse[row], ref_lse = p.ref_lse[row], c = p.g[row] * inv_t, kl = REV ? T(0) : p.kl[row];
   auto grad = [&](T zv, T yv) {
@@ -161,21 +162,22 @@ __global__ void __launch_bounds__(kThreads) kl_grad_kernel(KLGradParams<T> p) {
     return REV ? c * (fast_exp(lp) - fast_exp(lq)) : c * fast_exp(lp) * ((lp - lq) - kl);
   };
   const RowSplit<T> split(z, p.vocab);
-  const bool packed = same_alignment<T>(z, zr);
+  const bool packed = same_alignment<T>(z, zr) && same_alignment<T>(z, out);
   const int64_t scalar_end = packed ? split.head : p.vocab;
-  for (int64_t i = threadIdx.x; i < scalar_end; i += kThreads) z[i] = grad(z[i], zr[i]);
+  for (int64_t i = threadIdx.x; i < scalar_end; i += kThreads) out[i] = grad(z[i], zr[i]);
   if (packed) {
-    typename P::V* zv = reinterpret_cast<typename P::V*>(z + split.head);
+    const typename P::V* zv = reinterpret_cast<const typename P::V*>(z + split.head);
     const typename P::V* rv = reinterpret_cast<const typename P::V*>(zr + split.head);
+    typename P::V* ov = reinterpret_cast<typename P::V*>(out + split.head);
     for (int64_t k = threadIdx.x; k < split.packs; k += kThreads) {
       T x[N], y[N];
       P::get(zv[k], x);
       P::get(rv[k], y);
 #pragma unroll
       for (int j = 0; j < N; ++j) x[j] = grad(x[j], y[j]);
-      zv[k] = P::make(x);
+      ov[k] = P::make(x);
     }
-    for (int64_t i = split.tail_start + threadIdx.x; i < p.vocab; i += kThreads) z[i] = grad(z[i], zr[i]);
+    for (int64_t i = split.tail_start + threadIdx.x; i < p.vocab; i += kThreads) out[i] = grad(z[i], zr[i]);
   }
 }
 

@@ -27,7 +27,7 @@ def cuda(tmp_path_factory):
         getattr(lib, f"row_stats_{s}").argtypes = [P] * 6 + [I64] * 3 + [F64] * 2
         getattr(lib, f"row_grad_{s}").argtypes = [P] * 8 + [I64] * 3 + [F64] * 2
         getattr(lib, f"kl_stats_{s}").argtypes = [P] * 5 + [I64] * 4 + [F64, BOOL]
-        getattr(lib, f"kl_grad_{s}").argtypes = [P] * 6 + [I64] * 4 + [F64, BOOL]
+        getattr(lib, f"kl_grad_{s}").argtypes = [P] * 6 + [I64] * 4 + [F64, BOOL, BOOL]
         getattr(lib, f"gae_{s}").argtypes = [P] * 5 + [I64] * 2 + [F64] * 2
         getattr(lib, f"pg_token_{s}").argtypes = [P] * 11 + [I64] * 2 + [BOOL, P, INT]
     return lib
@@ -179,11 +179,12 @@ def kl_exact(z, z_ref, temperature, reverse, g):
     return kl.detach(), x.detach().logsumexp(-1), y.logsumexp(-1), dx / temperature
 
 
+@pytest.mark.parametrize("into_ref", [False, True], ids=["into-z", "into-ref"])
 @pytest.mark.parametrize("pads", [(0, 0), (1, 1), (0, 3)], ids=["aligned", "same-misalignment", "mixed"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize("case", list(KL_CASES))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
-def test_kl_rows(cuda, case, reverse, pads, dtype):
+def test_kl_rows(cuda, case, reverse, pads, dtype, into_ref):
     n, v, scale, temperature = KL_CASES[case]
     z, _, g = make_block(n, v, scale, dtype, pads[0], seed=3)
     z_ref, _, _ = make_block(n, v, scale, dtype, pads[1], seed=4)
@@ -197,11 +198,12 @@ def test_kl_rows(cuda, case, reverse, pads, dtype):
     assert_close(kl, want_kl, rtol=tol, atol=tol * (1 + want_kl.abs().max().item()), name="kl")
     assert_close(lse, want_lse, rtol=tol, name="lse")
     assert_close(ref_lse, want_ref_lse, rtol=tol, name="ref_lse")
-    before_ref = z_ref.clone()
-    assert getattr(cuda, f"kl_grad_{s}")(*map(ptr, (z, z_ref, lse, ref_lse, kl, up.to(dtype))), *args) == 0
-    assert torch.equal(z_ref, before_ref), "the reference block is read only"
-    assert torch.isnan(z._base[:, v:]).all(), "grad wrote past the end of a row"
-    assert_close(z, want_dz, rtol=0, atol=tol * (1 + want_dz.abs().max().item()), name="dz")
+    kept, out = (z, z_ref) if into_ref else (z_ref, z)
+    before = kept.clone()
+    assert getattr(cuda, f"kl_grad_{s}")(*map(ptr, (z, z_ref, lse, ref_lse, kl, up.to(dtype))), *args, into_ref) == 0
+    assert torch.equal(kept, before), "the block not written is read only"
+    assert torch.isnan(out._base[:, v:]).all(), "grad wrote past the end of a row"
+    assert_close(out, want_dz, rtol=0, atol=tol * (1 + want_dz.abs().max().item()), name="dz")
 
 
 # ---------------------------------------------------------------------------------------------

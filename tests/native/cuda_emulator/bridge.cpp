@@ -40,10 +40,11 @@ int kl_stats(const T* z, const T* z_ref, T* kl, T* lse, T* ref_lse, int64_t rows
 }
 
 template <typename T>
-int kl_grad(T* z, const T* z_ref, const T* lse, const T* ref_lse, const T* kl, const T* g, int64_t rows,
-            int64_t vocab, int64_t z_stride, int64_t ref_stride, double temperature, bool reverse) {
+int kl_grad(T* z, T* z_ref, const T* lse, const T* ref_lse, const T* kl, const T* g, int64_t rows,
+            int64_t vocab, int64_t z_stride, int64_t ref_stride, double temperature, bool reverse, bool into_ref) {
   alignfast::KLGradParams<T> p;
   p.z = z, p.z_ref = z_ref, p.lse = lse, p.ref_lse = ref_lse, p.kl = kl, p.g = g;
+  p.out = into_ref ? z_ref : z, p.out_stride = into_ref ? ref_stride : z_stride;
   p.rows = rows, p.vocab = vocab, p.z_stride = z_stride, p.ref_stride = ref_stride;
   p.temperature = temperature, p.reverse = reverse;
   return alignfast::kl_rows_grad_cuda(p, nullptr);
@@ -90,10 +91,10 @@ int pg_token(const T* logp, const T* old_logp, const T* ref_logp, const T* advan
                                    int64_t stride, int64_t ref_stride, double temp, bool rev) {           \
     return kl_stats(z, zr, kl, lse, rlse, n, vocab, stride, ref_stride, temp, rev);                       \
   }                                                                                                       \
-  extern "C" int kl_grad_##SUFFIX(T* z, const T* zr, const T* lse, const T* rlse, const T* kl, const T* g, \
+  extern "C" int kl_grad_##SUFFIX(T* z, T* zr, const T* lse, const T* rlse, const T* kl, const T* g,       \
                                   int64_t n, int64_t vocab, int64_t stride, int64_t ref_stride, double temp, \
-                                  bool rev) {                                                             \
-    return kl_grad(z, zr, lse, rlse, kl, g, n, vocab, stride, ref_stride, temp, rev);                     \
+                                  bool rev, bool into_ref) {                                              \
+    return kl_grad(z, zr, lse, rlse, kl, g, n, vocab, stride, ref_stride, temp, rev, into_ref);           \
   }                                                                                                       \
   extern "C" int gae_##SUFFIX(const T* r, const T* v, const bool* valid, T* adv, T* ret, int64_t rows,   \
                               int64_t steps, double gamma, double lam) {                                  \
