@@ -27,14 +27,13 @@ def tokenizer():
                                                 unk_token="[UNK]")
 
 
-def make_trainer(tmp_path, config_overrides=None, **arg_overrides):
+def make_trainer(tmp_path, config_overrides=None, family="Llama", **arg_overrides):
     tok = tokenizer()
-    config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
-                                      initializer_range=0.2, pad_token_id=0, eos_token_id=2,
-                                      **(config_overrides or {}))
+    config = getattr(transformers, f"{family}Config")(
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+        intermediate_size=64, initializer_range=0.2, pad_token_id=0, eos_token_id=2, **(config_overrides or {}))
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
+    model = getattr(transformers, f"{family}ForCausalLM")(config)
     g = torch.Generator().manual_seed(0)
     rows = [{"prompt": " ".join(WORDS[j] for j in torch.randint(0, 40, (int(n),), generator=g).tolist()),
              "completion": " ".join(WORDS[j] for j in torch.randint(0, 40, (int(m),), generator=g).tolist())}
@@ -55,6 +54,17 @@ def test_sft_loss_grads_and_metrics_equal_trls(tmp_path, monkeypatch, loss_type)
     for num_items in (None, torch.tensor(23)):
         metrics = assert_same_as_trl(trainer, batch, calls, num_items_in_batch=num_items)
         assert {"entropy", "mean_token_accuracy"} <= metrics.keys()
+
+
+def test_moe_router_aux_loss_equals_trls(tmp_path, monkeypatch):
+    """A Mixtral with router logits on: the load-balancing term joins the loss as in TRL (it crashed:
+    the pair (term, coefficient) was multiplied by the coefficient)."""
+    calls = KernelCalls(monkeypatch)
+    trainer = make_trainer(tmp_path, family="Mixtral", config_overrides=dict(
+        num_local_experts=4, num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.3))
+    batch = next(iter(trainer.get_train_dataloader()))
+    metrics = assert_same_as_trl(trainer, batch, calls)
+    assert metrics["aux_loss"] > 0
 
 
 def test_subclass_trains_and_revert_restores_trls_head(tmp_path):
@@ -108,3 +118,10 @@ def test_unsupported_trainers_and_models_are_rejected(tmp_path):
     with pytest.raises(RuntimeError, match="no fused LM head from TRL"):
         atrl.fused_head.install(sft, [(sft.model, HeadSpec()), (plain, HeadSpec())], {})
     assert not atrl.fused_head.is_installed(sft.model)  # all models are checked before any is changed
+    # option values are checked when applied, not at the first training step
+    for options, error, match in [({"backend": "bogus"}, ValueError, "backend='bogus' is unknown"),
+                                  ({"chunk_size": 0}, ValueError, "chunk_size must be a positive int"),
+                                  ({"backend": "cuda"}, RuntimeError, "not available for cpu tensors")]:
+        with pytest.raises(error, match=match):
+            atrl.use_alignfast(sft, **options)
+        assert not atrl.fused_head.is_installed(sft.model)

@@ -56,6 +56,27 @@ def test_dpo_wpo_ld_and_f_divergence_equal_trls(tmp_path, monkeypatch):
     assert_same_as_trl(trainer, batch, calls, options={"backend": "chunked", "chunk_size": 5})
 
 
+def test_a_model_from_an_earlier_trainer_is_served_again(tmp_path, monkeypatch):
+    """SFT then DPO on the same model object, use_alignfast on both: the DPO trainer's TRL forward sits on
+    top of the SFT stage's alignfast one. It stayed TRL's (use_alignfast found the old state and changed
+    nothing, while is_installed said True)."""
+    calls = KernelCalls(monkeypatch)
+    dpo = make_trainer(tmp_path / "dpo")
+    tok = dpo.processing_class
+    rows = [{"prompt": "a b", "completion": "c d"}] * 4
+    sft = trl.SFTTrainer(model=tiny_llama(tok, seed=0), args=trl.SFTConfig(**common_args(tmp_path / "sft")),
+                         processing_class=tok, train_dataset=datasets.Dataset.from_list(rows))
+    atrl.use_alignfast(sft)
+    sft.train()
+    again = trl.DPOTrainer(model=sft.model, ref_model=dpo.ref_model, args=dpo.args, processing_class=tok,
+                           train_dataset=dpo.train_dataset)
+    batch = next(iter(again.get_train_dataloader()))
+    assert_same_as_trl(again, batch, calls)  # TRL's path first, then every fused call alignfast's
+    atrl.use_alignfast(again)
+    atrl.revert(again)
+    again.model.generate(torch.tensor([[3, 4]]), max_new_tokens=2, do_sample=False)  # no recursion
+
+
 def test_dpo_peak_memory_is_lower(tmp_path):
     """Beyond the parameters' gradients, alignfast holds less than half of one fp32 [B·T, V] logits block
     (completion rows only, `chunk_size` of them at a time); TRL's CPU head holds [min(B·T, 4096), 32768]

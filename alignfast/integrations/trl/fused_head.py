@@ -26,11 +26,12 @@ import torch
 from packaging.version import Version
 from torch import nn
 
-from alignfast.integrations.transformers import (
-    _call_backbone, _router_aux_loss, backbone, output_head, unwrap)
+from alignfast import dispatch
+from alignfast.integrations.transformers import _call_backbone, backbone, output_head, unwrap
 from alignfast.ops.chunked import logits_block
 from alignfast.ops.logprobs import logprob_stats, make_options
 from alignfast.ops.options import LogitOptions, compute_dtype
+from alignfast.ops.validation import check_chunk_size
 
 __all__ = ["HeadSpec", "OPTIONS", "SUPPORTED_TRL", "install", "uninstall", "is_installed", "head_outputs"]
 
@@ -63,10 +64,14 @@ class _State:
     active: bool = True
 
 
-def check_options(options: dict) -> None:
+def check_options(options: dict, device: torch.device | None = None) -> None:
+    """Names, and values (the backend on `device`'s tensors), so a bad one fails now, not at the first step."""
     unknown = set(options) - set(OPTIONS)
     if unknown:
         raise ValueError(f"unknown options {sorted(unknown)}; choose from {list(OPTIONS)}")
+    check_chunk_size(options.get("chunk_size"))
+    if device is not None:
+        dispatch.resolve(options.get("backend", "auto"), device)
 
 
 def check_trl_version() -> None:
@@ -88,18 +93,19 @@ def install(trainer, specs: list[tuple[nn.Module, HeadSpec]], options: dict) -> 
     targets = []
     for model, spec in specs:
         target = unwrap(model)
-        output_head(target)  # fail now, not at the first step, on an unsupported head or backbone
+        # fail now, not at the first step, on a bad option value or an unsupported head or backbone
+        check_options(options, output_head(target).weight.device)
         backbone(target)
         targets.append((target, spec, _find_trl_forward(target)))
     for target, spec, (previous, wrapped) in targets:
         state = target.__dict__.get(_STATE)
-        if state is None:
+        if state is None or state.previous is not previous:  # first time, or a new trainer's TRL forward
             autocast = accelerator.autocast if wrapped and accelerator is not None else None
             state = _State(previous, spec, dict(options), autocast)
             setattr(target, _STATE, state)
         state.spec, state.options, state.active = spec, dict(options), True
         if target.__dict__.get("forward") is state.previous:
-            target.forward = types.MethodType(_make_forward(type(target).forward), target)
+            target.forward = types.MethodType(_make_forward(type(target).forward, state.previous), target)
 
 
 def uninstall(model: nn.Module) -> None:
@@ -132,11 +138,15 @@ def _is_trls(forward) -> bool:
 
 
 def _find_trl_forward(model: nn.Module):
-    """(the instance forward to keep, whether it is accelerate's mixed-precision wrapper around TRL's)."""
+    """(the instance forward to keep, whether it is accelerate's mixed-precision wrapper around TRL's).
+
+    Ours already there (maybe inside accelerate's wrapper): the one it replaced. A model that another
+    trainer prepared since (its TRL forward now on top of ours): that trainer's."""
     state = model.__dict__.get(_STATE)
-    if state is not None:
-        return state.previous, state.autocast is not None
     forward = model.__dict__.get("forward")
+    if state is not None and (forward is state.previous or _is_ours(forward)
+                              or _is_ours(model.__dict__.get("_original_forward"))):
+        return state.previous, state.autocast is not None
     if _is_trls(forward):
         return forward, False
     if forward is not None and _is_trls(model.__dict__.get("_original_forward")):  # Accelerator.prepare_model
@@ -145,15 +155,17 @@ def _find_trl_forward(model: nn.Module):
                        f"add_fused_lm_head); alignfast.integrations.trl supports TRL {SUPPORTED_TRL}")
 
 
-def _make_forward(class_forward):
+def _make_forward(class_forward, previous):
+    """Our forward over `previous` (TRL's), which gets every call we do not answer. `previous` is bound
+    here, not read from the state: a later trainer's TRL forward wraps this one and the state moves to it."""
     # Keep the model's signature, as TRL does: `generate` validates its keyword arguments against it.
     @functools.wraps(class_forward)
     def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
                 **kwargs):
         state = self.__dict__[_STATE]
-        if not (fused_lm_head and state.active):
-            return state.previous(*args, fused_lm_head=fused_lm_head, labels=labels,
-                                  shift_labels=shift_labels, num_items_in_batch=num_items_in_batch, **kwargs)
+        if not (fused_lm_head and state.active and state.previous is previous):
+            return previous(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
+                            num_items_in_batch=num_items_in_batch, **kwargs)
         if args:
             raise TypeError("alignfast: pass the model's inputs by keyword with fused_lm_head=True")
         with state.autocast() if state.autocast is not None else contextlib.nullcontext():
@@ -184,9 +196,22 @@ def _fused_output(model, state: _State, labels, shift_labels, num_items_in_batch
     loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
     aux_loss = None
     if kwargs.get("output_router_logits"):
-        aux_loss = _router_aux_loss(model, out, kwargs.get("attention_mask"))
+        aux_loss = _trl_router_aux_loss(text_config, out, kwargs.get("attention_mask"))
         loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * aux_loss
     return FusedCausalLMOutput(loss=loss, label_mask=mask, aux_loss=aux_loss, **per_token)
+
+
+def _trl_router_aux_loss(text_config, out, attention_mask):
+    """The MoE load-balancing term as TRL's fused head forms it: Mixtral's `load_balancing_loss_func`
+    for every MoE family, with the text config's expert counts (no attention mask when padding-free)."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    experts, top_k = (getattr(text_config, k, None) for k in ("num_experts", "num_experts_per_tok"))
+    if experts is None or top_k is None or getattr(out, "router_logits", None) is None:
+        raise NotImplementedError(f"alignfast: the router aux loss of {type(text_config).__name__} (no num_experts "
+                                  f"/ num_experts_per_tok / router logits) is not supported; set "
+                                  f"output_router_logits=False")
+    return load_balancing_loss_func(out.router_logits, experts, top_k, attention_mask)
 
 
 def head_outputs(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, spec: HeadSpec,
