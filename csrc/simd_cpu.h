@@ -69,8 +69,18 @@ struct Simd<float> {
     V out = y * scale;
     return x < lo ? V{} : out;
   }
-  // tanh(y) = 1 − 2/(e^{2y} + 1): saturates to ±1, absolute error ~1e-7.
-  static V tanh(V y) { return 1.0f - 2.0f / (exp(y + y) + 1.0f); }
+  // tanh to a few ulp: for |y| < 0.625 Cephes' tanhf minimax polynomial y + y³·P(y²) (1 − 2/(e^{2y} + 1)
+  // keeps only an absolute ~1e-7 there, all relative precision of a small y: softcap·tanh(z/softcap) lost
+  // z's digits under a large softcap); beyond it sign(y)·(1 − 2/(e^{2|y|} + 1)), saturating to ±1.
+  static V tanh(V y) {
+    const V a = y < 0.0f ? -y : y;
+    const V z = y * y;
+    const V p = (((-5.70498872745e-3f * z + 2.06390887954e-2f) * z - 5.37397155531e-2f) * z +
+                 1.33314422036e-1f) * z - 3.33332819422e-1f;
+    const V near = y + y * z * p;
+    const V far = 1.0f - 2.0f / (exp(a + a) + 1.0f);
+    return a < 0.625f ? near : (y < 0.0f ? -far : far);
+  }
 };
 
 // float64 is the test oracle's dtype, not a fast path: per-lane libm.

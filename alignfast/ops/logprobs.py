@@ -190,7 +190,7 @@ def make_options(hidden, weight, targets, bias, *, temperature, softcap, ignore_
     validation.check_linear_head(hidden, weight, bias)
     validation.check_targets(targets, hidden, weight.shape[0], ignore_index)
     validation.check_temperature(temperature)
-    validation.check_positive("softcap", softcap, optional=True)
+    validation.check_softcap(softcap)
     validation.check_chunk_size(chunk_size)
     validation.check_positive("grad_filter_eps", grad_filter_eps, optional=True)
     resolved = dispatch.resolve(backend, hidden.device, supported=supported)

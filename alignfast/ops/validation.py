@@ -80,6 +80,10 @@ def check_targets(targets, hidden: torch.Tensor, vocab: int, ignore_index: int, 
         raise ValueError(f"{name} must be an int64 (or int32) tensor of token ids, got {targets.dtype} "
                          f"(shape {_shape(targets)})")
     check_ignore_index(ignore_index)
+    info = torch.iinfo(targets.dtype)
+    if not info.min <= ignore_index <= info.max:  # `targets != ignore_index` would wrap it (2**32 -> 0 in int32)
+        raise ValueError(f"ignore_index={ignore_index} does not fit {name}'s dtype {targets.dtype} (shape "
+                         f"{_shape(targets)}); pass int64 {name}")
     if _shape(targets) != _shape(hidden)[:-1]:
         raise ValueError(f"{name} shape {_shape(targets)} must equal hidden's leading shape "
                          f"{_shape(hidden)[:-1]} (hidden is {_shape(hidden)})")
@@ -109,6 +113,13 @@ def check_temperature(value) -> None:
     check_positive("temperature", value)
     if not 1.0 / value < 3.0e38:
         raise ValueError(f"temperature={value!r} is too small: 1/temperature must fit in float32")
+
+
+def check_softcap(value) -> None:
+    """None, or > 0 with it and its reciprocal in float32's range (the kernels form z/softcap in fp32)."""
+    check_positive("softcap", value, optional=True)
+    if value is not None and not (value < 3.0e38 and 1.0 / value < 3.0e38):
+        raise ValueError(f"softcap={value!r} is out of range: softcap and 1/softcap must fit in float32")
 
 
 def check_chunk_size(chunk_size) -> None:

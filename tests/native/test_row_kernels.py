@@ -17,6 +17,8 @@ CASES = {  # n, V, scale of the logits, options
     "N9-V4097-T0.7": (9, 4097, 3.0, dict(temperature=0.7)),
     "N7-V4097-softcap": (7, 4097, 10.0, dict(softcap=2.5)),
     "N5-V1003-softcap-T1.3": (5, 1003, 10.0, dict(softcap=30.0, temperature=1.3)),
+    # z/softcap ~1e-4: tanh as 1 − 2/(e^{2y}+1) kept only ~1e-7 absolute, 1e-3 of z's digits
+    "N5-V1003-large-softcap": (5, 1003, 3.0, dict(softcap=3e4)),
     "N4-V7": (4, 7, 3.0, {}),
     "N3-V1": (3, 1, 3.0, {}),
     "N6-V2500-large-logits": (6, 2500, 1e4, {}),

@@ -42,6 +42,10 @@ BAD = {
     "bias-minus-inf": (args(bias=torch.zeros(V).index_fill_(0, torch.tensor([3]), -math.inf)), ValueError,
                        r"bias must be finite"),
     "ignore-index-overflow": (args(ignore_index=10**20), ValueError, r"ignore_index must be an int"),
+    # int32 targets compared with 2**32 wrapped it to 0: every target 0 was taken as ignored
+    "ignore-index-beyond-int32": (args(targets=torch.tensor([0, 1, 0, 5, 3], dtype=torch.int32), ignore_index=2**32),
+                                  ValueError, r"ignore_index=4294967296 does not fit targets's dtype torch.int32"),
+    "softcap-beyond-float32": (args(softcap=1e39), ValueError, r"softcap=1e\+39 is out of range"),
     "chunks-env": (args(_env="1e6"), ValueError, r"ALIGNFAST_CHUNK_BYTES must be a whole number"),
 }
 
