@@ -65,12 +65,15 @@ void kl_grad_(at::Tensor& z, at::Tensor& z_ref, const at::Tensor& lse_in, const 
               c10::DeviceType device_type, Launch&& launch) {
   check_kl_blocks(z, z_ref, temperature, device_type);
   at::Tensor& out = into_ref ? z_ref : z;
-  at::assert_no_internal_overlap(out);  // written in place: rows sharing memory would race
-  if (into_ref) at::assert_no_partial_overlap(z, z_ref);  // z is read while z_ref is written
-  const at::Tensor lse = *checked_row_vector(lse_in, "lse", z);
-  const at::Tensor ref_lse = *checked_row_vector(ref_lse_in, "ref_lse", z);
-  const at::Tensor kl = *checked_row_vector(kl_in, "kl", z);
-  const at::Tensor g = *checked_row_vector(g_in, "g", z);
+  check_writable(out, into_ref ? "z_ref" : "z");
+  // each element is read before it is written, so z and z_ref may be one tensor, but not overlap otherwise
+  const bool same = z.data_ptr() == z_ref.data_ptr() && z.strides() == z_ref.strides();
+  TORCH_CHECK(same || !spans_intersect(z, z_ref), "z_ref shares memory with z (without being the same view), "
+              "and one of them is written in place; pass separate blocks");
+  const at::Tensor lse = *checked_row_vector(lse_in, "lse", z, &out);
+  const at::Tensor ref_lse = *checked_row_vector(ref_lse_in, "ref_lse", z, &out);
+  const at::Tensor kl = *checked_row_vector(kl_in, "kl", z, &out);
+  const at::Tensor g = *checked_row_vector(g_in, "g", z, &out);
   if (z.size(0) == 0) return;
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "kl_rows_grad_", [&] {
     KLGradParams<scalar_t> p;

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <optional>
 #include <tuple>
+#include <utility>
 
 #include "row_kernels.h"
 
@@ -62,6 +63,32 @@ inline void check_block(const at::Tensor& z, const at::Tensor& targets, double t
               "softcap must be a finite number > 0 or None, got ", softcap.value_or(0));
 }
 
+// A block written in place: no two of its elements may share memory (rows sharing memory would race
+// and give wrong values; `assert_no_internal_overlap` alone catches only stride-0 views).
+inline void check_writable(const at::Tensor& z, const char* name) {
+  at::assert_no_internal_overlap(z);
+  const bool apart = vocab_major(z) ? z.stride(1) >= z.size(0) : (z.size(0) <= 1 || z.stride(0) >= z.size(1));
+  TORCH_CHECK(apart, name, " is written in place, so its rows must not overlap in memory; got shape ", z.sizes(),
+              " and strides ", z.strides());
+}
+
+// Whether the memory spans of a and b (first to last element) intersect.
+inline bool spans_intersect(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || !a.has_storage() || !b.has_storage() ||
+      !a.storage().is_alias_of(b.storage())) {
+    return false;
+  }
+  auto span = [](const at::Tensor& t) {
+    int64_t last = 0;
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+    const int64_t item = static_cast<int64_t>(t.element_size()), lo = t.storage_offset() * item;
+    return std::pair<int64_t, int64_t>(lo, lo + (last + 1) * item);
+  };
+  const auto [a_lo, a_hi] = span(a);
+  const auto [b_lo, b_hi] = span(b);
+  return a_lo < b_hi && b_lo < a_hi;
+}
+
 // Host-side range check of the targets (CPU only: on CUDA it would synchronise).
 inline void check_targets_in_range(const at::Tensor& targets, int64_t vocab) {
   const at::Tensor t = targets.contiguous();
@@ -72,8 +99,10 @@ inline void check_targets_in_range(const at::Tensor& targets, int64_t vocab) {
   }
 }
 
+// A per-row input [rows] of z's dtype and device, contiguous; `written`: the block a kernel writes while
+// reading it, which it must not overlap (a row's write would change what later rows read).
 inline std::optional<at::Tensor> checked_row_vector(const std::optional<at::Tensor>& t, const char* name,
-                                                    const at::Tensor& z) {
+                                                    const at::Tensor& z, const at::Tensor* written = nullptr) {
   if (!t.has_value()) return std::nullopt;
   TORCH_CHECK(t->dim() == 1 && t->size(0) == z.size(0), name, " must be 1-D with one entry per row of z ([",
               z.size(0), "]), got shape ", t->sizes());
@@ -81,7 +110,10 @@ inline std::optional<at::Tensor> checked_row_vector(const std::optional<at::Tens
               t->scalar_type());
   TORCH_CHECK(t->device() == z.device(), name, " must be on ", z.device(), " (the device of z), got ",
               t->device());
-  return t->contiguous();
+  at::Tensor out = t->contiguous();
+  TORCH_CHECK(written == nullptr || !spans_intersect(out, *written), name,
+              " shares memory with the block written in place; pass a separate tensor");
+  return out;
 }
 
 template <typename T>
@@ -95,8 +127,7 @@ template <typename Launch>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rows_stats(
     const at::Tensor& z, const at::Tensor& targets_in, double temperature, std::optional<double> softcap,
     bool with_entropy, bool with_zmean, c10::DeviceType device_type, Launch&& launch) {
-  check_block(z, targets_in, temperature, softcap, device_type);
-  at::assert_no_internal_overlap(z);  // written in place: rows sharing memory would race
+  check_block(z, targets_in, temperature, softcap, device_type);  // read only: any layout of z
   if (device_type == c10::DeviceType::CPU) check_targets_in_range(targets_in, z.size(1));
   const at::Tensor targets = targets_in.contiguous();
   const int64_t rows = z.size(0);
@@ -129,15 +160,16 @@ void rows_grad_(at::Tensor& z, const at::Tensor& targets_in, const at::Tensor& l
                 const std::optional<at::Tensor>& g_zmean_in, double temperature, std::optional<double> softcap,
                 c10::DeviceType device_type, Launch&& launch) {
   check_block(z, targets_in, temperature, softcap, device_type);
-  at::assert_no_internal_overlap(z);  // written in place: rows sharing memory would race
+  check_writable(z, "z");
   if (device_type == c10::DeviceType::CPU) check_targets_in_range(targets_in, z.size(1));
   const at::Tensor targets = targets_in.contiguous();
-  const at::Tensor lse = *checked_row_vector(lse_in, "lse", z);
-  const auto entropy = checked_row_vector(entropy_in, "entropy", z);
-  const auto g_logprob = checked_row_vector(g_logprob_in, "g_logprob", z);
-  const auto g_entropy = checked_row_vector(g_entropy_in, "g_entropy", z);
-  const auto g_lse = checked_row_vector(g_lse_in, "g_lse", z);
-  const auto g_zmean = checked_row_vector(g_zmean_in, "g_zmean", z);
+  TORCH_CHECK(!spans_intersect(targets, z), "targets shares memory with z, which is written in place");
+  const at::Tensor lse = *checked_row_vector(lse_in, "lse", z, &z);
+  const auto entropy = checked_row_vector(entropy_in, "entropy", z, &z);
+  const auto g_logprob = checked_row_vector(g_logprob_in, "g_logprob", z, &z);
+  const auto g_entropy = checked_row_vector(g_entropy_in, "g_entropy", z, &z);
+  const auto g_lse = checked_row_vector(g_lse_in, "g_lse", z, &z);
+  const auto g_zmean = checked_row_vector(g_zmean_in, "g_zmean", z, &z);
   TORCH_CHECK(!g_entropy.has_value() || entropy.has_value(),
               "entropy must be given when g_entropy is (the gradient of the entropy needs it)");
   if (z.size(0) == 0) return;

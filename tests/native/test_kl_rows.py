@@ -116,6 +116,14 @@ BAD = {
                 "g must have z's dtype"),
     "z-rows-share-memory": (lambda z, r, v: torch.ops.alignfast.kl_rows_grad_(z[:1].expand(4, 50), r, v, v, v, v,
                                                                                1.0, False), "more than one element"),
+    "z-rows-overlap": (lambda z, r, v: torch.ops.alignfast.kl_rows_grad_(z.view(-1).as_strided((4, 50), (10, 1)), r,
+                                                                          v, v, v, v, 1.0, False), "must not overlap"),
+    "kl-inside-z": (lambda z, r, v: torch.ops.alignfast.kl_rows_grad_(z, r, v, v, z[2, :4], v, 1.0, False),
+                    "kl shares memory with the block"),
+    "g-inside-ref-written": (lambda z, r, v: torch.ops.alignfast.kl_rows_grad_(z, r, v, v, v, r[1, :4], 1.0, False,
+                                                                                True), "g shares memory"),
+    "ref-partly-z": (lambda z, r, v: torch.ops.alignfast.kl_rows_grad_(z[:, :49], z[:, 1:], v, v, v, v, 1.0, False),
+                     "z_ref shares memory with z"),
 }
 
 

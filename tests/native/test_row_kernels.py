@@ -172,11 +172,24 @@ BAD = {
     "softcap-inf": (lambda z, t, l: _stats_op(z, t, softcap=float("inf")), "softcap must be a finite number > 0"),
     "temperature-tiny": (lambda z, t, l: _stats_op(z, t, temperature=1e-320), "finite reciprocal"),
     "z-rows-share-memory": (lambda z, t, l: _grad_op(z[:1].expand(4, 50), t, l), "more than one element"),
+    # rows overlapping without a stride of 0, and a row input inside z: both were accepted, and wrong
+    "z-rows-overlap": (lambda z, t, l: _grad_op(z.view(-1).as_strided((4, 50), (10, 1)), t, l),
+                       "its rows must not overlap in memory"),
+    "lse-inside-z": (lambda z, t, l: _grad_op(z, t, z.view(-1)[60:64]), "lse shares memory with the block"),
+    "g_logprob-inside-z": (lambda z, t, l: _grad_op(z, t, l, g_lp=z[3, :4]), "g_logprob shares memory"),
     "lse-shape": (lambda z, t, l: _grad_op(z, t, l[:-1]), "lse must be 1-D"),
     "lse-dtype": (lambda z, t, l: _grad_op(z, t, l.double()), "lse must have z's dtype"),
     "g_logprob-shape": (lambda z, t, l: _grad_op(z, t, l, g_lp=l[None]), "g_logprob must be 1-D"),
     "g_entropy-without-entropy": (lambda z, t, l: _grad_op(z, t, l, g_ent=l), "entropy must be given"),
 }
+
+
+def test_stats_reads_any_layout_of_z():
+    """stats never writes z: an expanded (stride-0) block is read as it is (it was refused as written-to)."""
+    z, t, _ = make_block(4, 50, 1.0, torch.float32)
+    got = native_rows.stats(z[:1].expand(4, 50), t, LogitOptions())
+    want = native_rows.stats(z[:1].expand(4, 50).contiguous(), t, LogitOptions())
+    assert all(torch.equal(a, b) for a, b in zip(got, want) if a is not None)
 
 
 @pytest.mark.parametrize("bad", list(BAD))
