@@ -180,10 +180,14 @@ class LinearLossBase(nn.Module):
         loss, metrics = formula(batch)
         return loss, _detached(metrics)
 
-    def token_logps_no_grad(self, hidden, weight, bias, labels) -> torch.Tensor:
-        """[B, T] log-probs of `labels` (0 at ignored positions), one streamed projection, no gradient."""
+    def token_logps_no_grad(self, hidden, weight, bias, labels, *, names=("hidden", "labels")) -> torch.Tensor:
+        """[B, T] log-probs of `labels` (0 at ignored positions), one streamed projection, no gradient.
+        `names`: what the caller calls hidden and labels, for its error messages."""
+        require_tensor(names[0], hidden)
+        require_tensor(names[1], labels)
         if hidden.dim() != 3 or hidden.shape[:-1] != labels.shape:
-            raise ValueError(f"hidden {tuple(hidden.shape)} does not match labels {tuple(labels.shape)}")
+            raise ValueError(f"{names[0]} {tuple(hidden.shape)} does not match {names[1]} {tuple(labels.shape)} "
+                             f"(expected [B, T, H] and [B, T])")
         opts = make_options(hidden, weight, labels, bias, temperature=self.temperature, softcap=self.softcap,
                             ignore_index=self.ignore_index, backend=self.backend, chunk_size=self.chunk_size)
         with torch.no_grad():
@@ -205,7 +209,7 @@ class LinearLossBase(nn.Module):
             require_tensor("ref_hidden", ref_hidden)
             if ref_hidden.shape[:-1] != labels.shape:
                 raise ValueError(f"ref_hidden {tuple(ref_hidden.shape)} does not match labels {tuple(labels.shape)}")
-            return self.token_logps_no_grad(ref_hidden, ref_weight, ref_bias, labels)
+            return self.token_logps_no_grad(ref_hidden, ref_weight, ref_bias, labels, names=("ref_hidden", "labels"))
         if ref_logps is None:
             return None
         require_tensor("ref_logps", ref_logps)

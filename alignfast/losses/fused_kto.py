@@ -47,11 +47,12 @@ class LinearKTOLoss(LinearLossBase):
         if kl_hidden is None or kl_labels is None:
             raise ValueError("loss_type='kto' needs the reference point: pass kl, or kl_hidden + kl_labels "
                              "(with ref_kl_hidden or ref_kl_logps)")
-        policy = self.token_logps_no_grad(kl_hidden, weight, bias, kl_labels).sum(-1)
+        policy = self.token_logps_no_grad(kl_hidden, weight, bias, kl_labels, names=("kl_hidden", "kl_labels")).sum(-1)
         if ref_kl_logps is None:
             if ref_kl_hidden is None or ref_weight is None:
                 raise ValueError("pass ref_kl_hidden (with ref_weight) or ref_kl_logps for the KL estimate")
-            ref_kl_logps = self.token_logps_no_grad(ref_kl_hidden, ref_weight, ref_bias, kl_labels).sum(-1)
+            ref_kl_logps = self.token_logps_no_grad(ref_kl_hidden, ref_weight, ref_bias, kl_labels,
+                                                    names=("ref_kl_hidden", "kl_labels")).sum(-1)
         return kto_kl_estimate(policy, ref_kl_logps)
 
     def forward(self, hidden, weight, labels, desirable, bias=None, *, ref_hidden=None, ref_weight=None,

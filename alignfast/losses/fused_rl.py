@@ -14,7 +14,7 @@ import torch
 
 from alignfast.losses._reductions import LOSS_AGG_MODES, aggregate, masked_mean
 from alignfast.losses._validation import check_choice, check_finite, check_nonnegative, check_positive, check_rows
-from alignfast.losses.fused_base import LinearLossBase, SequenceBatch
+from alignfast.losses.fused_base import LinearLossBase, SequenceBatch, check_batch
 from alignfast.losses.grpo import GRPO_LOSS_TYPES, grpo_loss
 from alignfast.losses.kl import KL_ESTIMATORS
 from alignfast.losses.pg_token import PG_TOKEN_BACKENDS
@@ -65,6 +65,7 @@ class LinearPPOLoss(LinearLossBase):
 
     def forward(self, hidden, weight, labels, old_logprobs, advantages, bias=None, *, ref_hidden=None,
                 ref_weight=None, ref_bias=None, ref_logps=None):
+        check_batch(hidden, labels, self.unit)  # first: the per-row inputs are described by labels' shape
         check_rows("old_logprobs", old_logprobs, labels, per_row=False)
         check_rows("advantages", advantages, labels)
         full = self.kl_estimator == "full"
@@ -162,6 +163,7 @@ class LinearGRPOLoss(LinearLossBase):
 
     def forward(self, hidden, weight, labels, advantages, bias=None, *, old_logprobs=None, ref_hidden=None,
                 ref_weight=None, ref_bias=None, ref_logps=None):
+        check_batch(hidden, labels, self.unit)  # first: the per-row inputs are described by labels' shape
         check_rows("advantages", advantages, labels)
         if old_logprobs is not None:
             check_rows("old_logprobs", old_logprobs, labels, per_row=False)

@@ -45,6 +45,8 @@ def check_linear_head(hidden, weight, bias=None, *, prefix: str = "") -> None:
     require_tensor(b, bias, optional=True)
     check_float(h, hidden)
     check_float(w, weight)
+    if hidden.device.type == "meta":  # the ops read values (targets' range, bias finiteness, ...)
+        raise ValueError(f"{h} is a meta tensor (shape {_shape(hidden)}); the ops need real data")
     if hidden.dim() < 2:
         raise ValueError(f"{h} must be [N, H] or [B, T, H], got shape {_shape(hidden)}")
     if weight.dim() != 2:

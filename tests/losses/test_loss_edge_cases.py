@@ -146,6 +146,20 @@ def test_non_tensor_inputs_are_type_errors():
         LinearDPOLoss()(rnd(B, T, H), rnd(V, H), labels, ref_logps=[0.0] * B)
 
 
+def test_shape_errors_name_the_arguments_given():
+    """KTO's KL batch was reported as "hidden ... labels"; PPO/GRPO with flat [N] labels said old_logprobs
+    (or advantages) must be [B]=(N,)."""
+    labels, h, w = labels_of(), rnd(B, T, H), rnd(V, H, seed=1)
+    with pytest.raises(ValueError, match=r"kl_hidden \(4, 3, 8\) does not match kl_labels \(4, 5\)"):
+        LinearKTOLoss()(h, w, labels, torch.tensor([True, False, True, False]), ref_logps=rnd(B),
+                        kl_hidden=rnd(B, 3, H), kl_labels=labels, ref_kl_logps=rnd(B))
+    flat = labels.reshape(-1)
+    with pytest.raises(ValueError, match=r"expected hidden \[B, T, H\] and labels \[B, T\]"):
+        LinearPPOLoss()(h.reshape(-1, H), w, flat, rnd(B * T), rnd(B * T))
+    with pytest.raises(ValueError, match=r"expected hidden \[B, T, H\] and labels \[B, T\]"):
+        LinearGRPOLoss()(h.reshape(-1, H), w, flat, rnd(B * T))
+
+
 def test_desirability_labels_must_be_binary():
     with pytest.raises(ValueError, match=r"desirable must be bool \(or 0/1 integers\), got torch.float"):
         LinearKTOLoss()(rnd(B, T, H), rnd(V, H), labels_of(), torch.tensor([0.2, 1.0, 0.0, 1.0]), kl=0.0,

@@ -46,6 +46,8 @@ BAD = {
     "ignore-index-beyond-int32": (args(targets=torch.tensor([0, 1, 0, 5, 3], dtype=torch.int32), ignore_index=2**32),
                                   ValueError, r"ignore_index=4294967296 does not fit targets's dtype torch.int32"),
     "softcap-beyond-float32": (args(softcap=1e39), ValueError, r"softcap=1e\+39 is out of range"),
+    "meta-tensors": (args(hidden=torch.randn(5, H, device="meta"), weight=torch.randn(V, H, device="meta"),
+                          targets=torch.zeros(5, dtype=torch.long, device="meta")), ValueError, r"meta tensor"),
     "chunks-env": (args(_env="1e6"), ValueError, r"ALIGNFAST_CHUNK_BYTES must be a whole number"),
 }
 
