@@ -24,8 +24,7 @@ inline void check_kl_blocks(const at::Tensor& z, const at::Tensor& z_ref, double
               z_ref.device());
   TORCH_CHECK(z_ref.size(1) == 1 || z_ref.stride(1) == 1,
               "z_ref must be contiguous along V (stride(1) == 1), got strides ", z_ref.strides());
-  TORCH_CHECK(temperature > 0 && std::isfinite(1.0 / temperature), "temperature must be > 0 with a finite "
-              "reciprocal, got ", temperature);
+  check_temperature(temperature, z);
 }
 
 // stats: (kl, lse, ref_lse), each [rows] in z's dtype. `launch` gets a KLStatsParams<float|double>.

@@ -44,6 +44,16 @@ inline void check_logits(const at::Tensor& z, c10::DeviceType device_type) {
   TORCH_CHECK(z.size(1) > 0, "z must have at least one column (vocab entry), got shape ", z.sizes());
 }
 
+// Whether x stays finite in z's dtype (the kernels take options as scalar_t: 1e39 is inf in float32).
+inline bool fits(double x, const at::Tensor& z) {
+  return std::isfinite(x) && (z.scalar_type() != at::kFloat || std::isfinite(static_cast<float>(x)));
+}
+
+inline void check_temperature(double temperature, const at::Tensor& z) {
+  TORCH_CHECK(temperature > 0 && fits(1.0 / temperature, z), "temperature must be > 0 with a reciprocal finite "
+              "in z's dtype ", z.scalar_type(), ", got ", temperature);
+}
+
 inline void check_block(const at::Tensor& z, const at::Tensor& targets, double temperature,
                         std::optional<double> softcap, c10::DeviceType device_type) {
   check_logits(z, device_type);
@@ -57,10 +67,10 @@ inline void check_block(const at::Tensor& z, const at::Tensor& targets, double t
   TORCH_CHECK(targets.scalar_type() == at::kLong, "targets must be int64, got ", targets.scalar_type());
   AF_CHECK_DEVICE(targets, z.device());
   AF_CHECK_ROWS(targets, z.size(0));
-  TORCH_CHECK(temperature > 0 && std::isfinite(1.0 / temperature), "temperature must be > 0 with a finite "
-              "reciprocal, got ", temperature);
-  TORCH_CHECK(!softcap.has_value() || (*softcap > 0 && std::isfinite(*softcap)),
-              "softcap must be a finite number > 0 or None, got ", softcap.value_or(0));
+  check_temperature(temperature, z);
+  TORCH_CHECK(!softcap.has_value() || (*softcap > 0 && fits(*softcap, z) && fits(1.0 / *softcap, z)),
+              "softcap must be a finite number > 0 or None, with it and its reciprocal finite in z's dtype ",
+              z.scalar_type(), ", got ", softcap.value_or(0));
 }
 
 // A block written in place: no two of its elements may share memory (rows sharing memory would race

@@ -170,7 +170,10 @@ BAD = {
     "temperature": (lambda z, t, l: _stats_op(z, t, temperature=0.0), "temperature must be > 0"),
     "softcap": (lambda z, t, l: _stats_op(z, t, softcap=-1.0), "softcap must be a finite number > 0"),
     "softcap-inf": (lambda z, t, l: _stats_op(z, t, softcap=float("inf")), "softcap must be a finite number > 0"),
-    "temperature-tiny": (lambda z, t, l: _stats_op(z, t, temperature=1e-320), "finite reciprocal"),
+    "temperature-tiny": (lambda z, t, l: _stats_op(z, t, temperature=1e-320), "reciprocal finite"),
+    # finite as a double, inf as z's float32: the output was all NaN
+    "temperature-tiny-for-float32": (lambda z, t, l: _stats_op(z, t, temperature=1e-39), "reciprocal finite"),
+    "softcap-huge-for-float32": (lambda z, t, l: _stats_op(z, t, softcap=1e39), "softcap must be a finite"),
     "z-rows-share-memory": (lambda z, t, l: _grad_op(z[:1].expand(4, 50), t, l), "more than one element"),
     # rows overlapping without a stride of 0, and a row input inside z: both were accepted, and wrong
     "z-rows-overlap": (lambda z, t, l: _grad_op(z.view(-1).as_strided((4, 50), (10, 1)), t, l),
