@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from alignfast.kernels.launch_device import on_tensor_device
+
 
 @triton.jit
 def _gae_reverse_scan_kernel(
@@ -41,6 +43,7 @@ def _gae_reverse_scan_kernel(
         tl.store(ret_ptr + base + t, tl.where(valid, adv + v, 0.0).to(ACC))
 
 
+@on_tensor_device
 def gae_reverse_scan(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
                      lam: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch one program per row of rewards/values/mask [B, T]; returns (advantages, returns) [B, T] in out_dtype.

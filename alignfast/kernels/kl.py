@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from alignfast.kernels.launch_device import on_tensor_device
 from alignfast.kernels.logprobs import (
     BlockConfig,
     _acc_dtype,
@@ -230,6 +231,7 @@ def _config(hidden, weight, ref_hidden, config, kernel="fwd"):
                                     max(hidden.shape[1], ref_hidden.shape[1]), kernel)
 
 
+@on_tensor_device
 def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ref_hidden: torch.Tensor,
             ref_weight: torch.Tensor, ref_bias: torch.Tensor | None, opts: KLOptions,
             config: BlockConfig | None = None) -> KLStats:
@@ -259,6 +261,7 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return stats
 
 
+@on_tensor_device
 def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ref_hidden: torch.Tensor,
              ref_weight: torch.Tensor, ref_bias: torch.Tensor | None, stats: KLStats, grad_kl: torch.Tensor,
              opts: KLOptions, needs, config: BlockConfig | None = None):

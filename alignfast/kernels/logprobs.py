@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from alignfast.dispatch import triton_interpreted
+from alignfast.kernels.launch_device import on_tensor_device
 from alignfast.ops.options import LogitOptions
 from alignfast.ops.rowwise import RowStats
 
@@ -376,6 +377,7 @@ def _common_args(hidden, weight, opts: LogitOptions):
             triton.next_power_of_2(max(n, 1)))
 
 
+@on_tensor_device
 def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
             opts: LogitOptions, config: BlockConfig | None = None) -> RowStats:
     """RowStats(logprob, entropy | None, lse, zmean | None), each [N] in fp32 (fp64 for fp64 inputs).
@@ -406,6 +408,7 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return stats
 
 
+@on_tensor_device
 def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
              lse: torch.Tensor, entropy: torch.Tensor | None, grads, opts: LogitOptions, needs,
              config: BlockConfig | None = None):
@@ -467,6 +470,7 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             None if gb is None else gb.to(bias.dtype))
 
 
+@on_tensor_device
 def forward_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                      targets: torch.Tensor, opts: LogitOptions, upstream, needs, *, bounds=None,
                      config: BlockConfig | None = None):

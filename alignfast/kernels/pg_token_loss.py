@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from alignfast.kernels.launch_device import on_tensor_device
+
 BLOCK = 1024
 
 # Bits of the `flags` output (same values as csrc/pg_token_loss.h and alignfast.losses.pg_token).
@@ -134,6 +136,7 @@ def _pg_token_loss_kernel(
     tl.store(flags_ptr + offs, tl.where(valid, flags, 0).to(tl.uint8), mask=inb)
 
 
+@on_tensor_device
 def pg_token_loss(logp: torch.Tensor, old: torch.Tensor | None, ref: torch.Tensor | None, adv: torch.Tensor,
                   valid: torch.Tensor, ratio_low: float, ratio_high: float, dual_clip: float | None,
                   log_ratio_clamp: float | None, kl_estimator: str | None, kl_coef: float):
