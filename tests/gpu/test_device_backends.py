@@ -8,6 +8,8 @@ CUDA it runs the same checks on the CPU's backends, so the checks themselves run
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from helpers import assert_close, max_err
@@ -192,5 +194,10 @@ def test_fused_ppo(backend):
 
 
 def test_backends_of_this_device():
+    """ALIGNFAST_EXPECT_BACKENDS (benchmarks/gpu_check.sh sets it where nvcc built alignfast._C): the native
+    backends that must be there, so that a failed build fails here instead of leaving their cases out."""
     expected = {"cuda": {"chunked", "triton"}, "cpu": {"chunked"}}[DEVICE]
     assert expected <= set(BACKENDS), BACKENDS
+    for name in filter(None, os.environ.get("ALIGNFAST_EXPECT_BACKENDS", "").split(",")):
+        device = "cpu" if name == "cpp" else DEVICE
+        assert name in alignfast.backends(device), (name, device, alignfast.backends(device))
