@@ -3,6 +3,8 @@ options, revert, RewardTrainer and unsupported trainers.
 
 A tiny random-init Llama and a word-level tokenizer built here: nothing is downloaded.
 """
+import warnings
+
 import pytest
 import torch
 
@@ -125,3 +127,21 @@ def test_unsupported_trainers_and_models_are_rejected(tmp_path):
         with pytest.raises(error, match=match):
             atrl.use_alignfast(sft, **options)
         assert not atrl.fused_head.is_installed(sft.model)
+
+
+def test_a_subclass_with_its_own_loss_is_warned_about(tmp_path):
+    """TRL's experimental GKD/GOLD trainers subclass SFTTrainer with a loss that makes no fused-head call:
+    applying alignfast to them changed nothing, silently."""
+    sft = make_trainer(tmp_path)
+
+    class OwnLoss(trl.SFTTrainer):
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    sft.__class__ = OwnLoss
+    with pytest.warns(UserWarning, match="OwnLoss overrides SFTTrainer.compute_loss"):
+        atrl.use_alignfast(sft)
+    sft.__class__ = atrl.AlignfastSFTTrainer   # the adapter's own subclass overrides none of them
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        atrl.use_alignfast(sft)

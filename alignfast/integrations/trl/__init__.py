@@ -37,6 +37,11 @@ __all__ = ["use_alignfast", "revert", "SUPPORTED_TRL", "OPTIONS", "AlignfastSFTT
 # TRL trainer class -> the heads (model, HeadSpec) its fused-LM-head calls go through.
 _HEAD_SPECS = {SFTTrainer: sft.head_specs, DPOTrainer: dpo.head_specs, KTOTrainer: kto.head_specs,
                GRPOTrainer: grpo.head_specs}
+# ... and the methods that make those calls: a subclass overriding one may make none (TRL's experimental
+# GKD and GOLD trainers subclass SFTTrainer with a loss of their own).
+_FUSED_CALLERS = {SFTTrainer: ("compute_loss",), DPOTrainer: ("_compute_loss",),
+                  KTOTrainer: ("_compute_loss", "_compute_kl_logps"),
+                  GRPOTrainer: ("_get_per_token_logps_and_entropies",)}
 
 
 def use_alignfast(trainer, **options):
@@ -53,6 +58,11 @@ def use_alignfast(trainer, **options):
     for cls, head_specs in _HEAD_SPECS.items():
         if isinstance(trainer, cls):
             install(trainer, head_specs(trainer), options)
+            own = [m for m in _FUSED_CALLERS[cls] if getattr(type(trainer), m) is not getattr(cls, m)]
+            if own:
+                warnings.warn(f"alignfast: {type(trainer).__name__} overrides {cls.__name__}."
+                              f"{', '.join(own)}, where TRL makes the fused-LM-head calls alignfast serves; "
+                              f"if its own loss makes none, nothing changes", UserWarning, stacklevel=2)
             return trainer
     supported = ", ".join(f"trl.{cls.__name__}" for cls in (*_HEAD_SPECS, RewardTrainer))
     raise TypeError(f"use_alignfast supports {supported}; got {type(trainer).__name__}")
