@@ -226,11 +226,25 @@ def fused_kto(hidden, weight, targets, seq_len, ref_hidden, ref_weight, desirabl
 
 # log_entropy=False: the entropy is a logged metric only (entropy_coef 0), which no other impl computes
 def fused_ppo(hidden, weight, targets, seq_len, ref_hidden, ref_weight, old_logprobs, advantages, backend,
-              kl_coef=0.05):
+              kl_coef=0.05, kl_estimator="k3"):
     hid, tgt, refs = as_sequences(seq_len, hidden, targets, ref_hidden, ref_weight)
-    loss_fn = alignfast.losses.LinearPPOLoss(kl_coef=kl_coef, kl_estimator="k3", log_entropy=False,
+    loss_fn = alignfast.losses.LinearPPOLoss(kl_coef=kl_coef, kl_estimator=kl_estimator, log_entropy=False,
                                              backend=backend)
     return loss_fn(hid, weight, tgt, old_logprobs, advantages, **refs)[0]
+
+
+def naive_ppo_full_kl(hidden, weight, targets, seq_len, ref_hidden, ref_weight, old_logprobs, advantages,
+                      kl_coef=0.05):
+    """PPO's clipped surrogate + kl_coef · the exact KL(π‖π_ref) over the vocabulary (token-mean), from
+    both sides' materialised logits."""
+    logp = (hidden @ weight.t()).float().log_softmax(-1)
+    with torch.no_grad():
+        logq = (ref_hidden @ ref_weight.t()).float().log_softmax(-1)
+    kl = (logp.exp() * (logp - logq)).sum(-1)
+    lp = logp.gather(-1, targets[:, None]).view(-1, seq_len)
+    mask = torch.ones_like(lp, dtype=torch.bool)
+    return alignfast.losses.ppo_policy_loss(lp, old_logprobs, advantages, mask, backend="torch")[0] \
+        + kl_coef * kl.mean()
 
 
 def fused_grpo(hidden, weight, targets, seq_len, ref_hidden, ref_weight, old_logprobs, advantages, backend,
@@ -291,6 +305,10 @@ OPS: dict[str, OpSpec] = {
     "ppo": OpSpec(naive=naive_loss(ppo_formula), fused=fused_ppo, floor_matmuls=4,
                   make_inputs=partial(sequence_inputs, reference=True, advantages="token"),
                   third_party={"trl": trl_loss(ppo_formula)}),
+    # the same with the exact KL over the vocabulary (kl_estimator="full"): its gradient rides along the
+    # policy's (each token's weight is known up front), from a reference block beside the policy's: 4
+    "ppo_full_kl": OpSpec(naive=naive_ppo_full_kl, fused=partial(fused_ppo, kl_estimator="full"), floor_matmuls=4,
+                          make_inputs=partial(sequence_inputs, reference=True, advantages="token")),
     # policy 3 (a per-token loss) + reference logits 1 (the KL penalty, beta > 0)
     "grpo": OpSpec(naive=naive_loss(grpo_formula), fused=fused_grpo, floor_matmuls=4,
                    make_inputs=partial(sequence_inputs, reference=True, advantages="sequence"),

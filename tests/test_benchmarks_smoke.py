@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 IMPLS = ("naive", "floor", "chunked", "cpp", "liger")   # the fast ones; torch_compile and trl take ~1 min more
 OPS = ("linear_logprobs", "linear_cross_entropy", "linear_kl", "linear_kl_mean", "cross_entropy_filtered", "dpo",
-       "kto", "ppo", "grpo", "simpo", "orpo", "cpo")
+       "kto", "ppo", "ppo_full_kl", "grpo", "simpo", "orpo", "cpo")
 COLUMNS = {"suite", "op", "impl", "n", "h", "v", "dtype", "status", "reason", "time_median_s", "time_iqr_s",
            "rounds", "time_vs_naive", "time_vs_floor", "extra_peak_bytes", "mem_vs_naive", "peak_bytes",
            "device", "cores", "torch", "triton", "alignfast", "git_commit"}

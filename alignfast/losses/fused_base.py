@@ -17,7 +17,9 @@ The base does everything else:
   projections push it into grad_hidden and grad_weight. **3 projections**, the gradient
   computed in the forward and only scaled in the backward (as `linear_cross_entropy` does).
   A unit longer than a chunk keeps to the byte budget: its rows past the first chunk's worth
-  take a 4th projection (a statistics pass before the unit's loss is known);
+  take a 4th projection (a statistics pass before the unit's loss is known). Another term of the
+  loss whose per-token weights are known up front can ride along on the native backends (`extra`:
+  PPO's full-vocabulary KL, from a reference block beside each chunk's policy block);
 - otherwise (`triton`, `reference`, a batch-coupled formula, or no gradient wanted):
   `logprob_stats` with autograd (1 projection forward, 3 backward) and the formula on the
   whole batch: **4 projections** with a gradient, 1 without.
@@ -143,14 +145,17 @@ class LinearLossBase(nn.Module):
     # --- the driver -------------------------------------------------------------------------
     def _loss(self, formula: Formula, hidden, weight, bias, labels, *, ref_hidden=None, ref_weight=None,
               ref_bias=None, ref_logps=None, with_entropy: bool = False, ref_per_token: bool = False,
-              separable: bool = True):
+              separable: bool = True, extra=None):
         """(loss, metrics) of `formula` on the policy's log-probs of `labels`.
 
         hidden [B, T, H], weight [V, H], bias [V] | None, labels [B, T] (ignore_index to skip);
         the reference from ref_hidden [B, T, H] + ref_weight [V, H] (+ ref_bias), or ref_logps
         [B] / [B, T]; `ref_per_token`: the formula needs the reference per token; `separable`: False
         when the formula couples the units of the batch (sorting, batch statistics), which rules out
-        per-chunk gradients.
+        per-chunk gradients. `extra`: another term of the loss that can ride along the fused pass
+        (`ops.kl.FusedKLPenalty`: `supports(backend)`, `blocks`, `bind(index)`, `total()`); it joins the
+        loss only where it was bound (the fused path on a backend it supports): the caller checks
+        `extra.index is not None` and otherwise adds the term itself.
         """
         check_batch(hidden, labels, self.unit)
         opts = make_options(hidden, weight, labels, bias, temperature=self.temperature, softcap=self.softcap,
@@ -167,7 +172,11 @@ class LinearLossBase(nn.Module):
         tensors = (hidden, weight) + (() if bias is None else (bias,))
         wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
         if wants_grad and separable and _has_forward_backward(opts.backend):
+            carried = extra is not None and extra.supports(opts.backend)
+            if carried:
+                opts = replace(opts, blocks=extra.blocks)
             plan = _FusedPass.plan(self.unit, formula, whole, opts, weight.shape[0], hidden.dtype)
+            plan.extra = extra.bind(plan.index) if carried else None
             loss = _FusedPolicyLoss.apply(flat_h.index_select(0, plan.index), weight, bias,
                                           flat_t.index_select(0, plan.index), opts, plan)
             return loss, plan.metrics
@@ -252,6 +261,7 @@ class _FusedPass:
         self.bounds = bounds          # [(start, stop)] token ranges of the chunks
         self.chunk_rows = chunk_rows  # per chunk: [b] rows of the batch, or None for token chunks
         self.with_entropy = with_entropy
+        self.extra = None             # another term riding along the pass (`LinearLossBase._loss`)
         self._next = 0
         self.metrics: Metrics = {}
 
@@ -348,7 +358,10 @@ class _FusedPolicyLoss(GradientInForward):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, opts: LogitOptions, plan: _FusedPass):
         ctx.num_inputs = 6
+        carried = {} if plan.extra is None else {"extra": plan.extra}  # only the native backends take one
         st, grads = implementation(opts.backend).forward_backward(
-            hidden, weight, bias, targets, opts, plan.upstream, ctx.needs_input_grad[:3], bounds=plan.bounds)
+            hidden, weight, bias, targets, opts, plan.upstream, ctx.needs_input_grad[:3], bounds=plan.bounds,
+            **carried)
         GradientInForward.save_gradients(ctx, grads)
-        return plan.finish(st)
+        loss = plan.finish(st)
+        return loss if plan.extra is None else loss + plan.extra.total().to(loss.dtype)

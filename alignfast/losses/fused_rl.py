@@ -19,7 +19,7 @@ from alignfast.losses.grpo import GRPO_LOSS_TYPES, grpo_loss
 from alignfast.losses.kl import KL_ESTIMATORS
 from alignfast.losses.pg_token import PG_TOKEN_BACKENDS
 from alignfast.losses.ppo import ppo_policy_loss
-from alignfast.ops.kl import kl_backends, make_kl_options, weighted_kl_sum
+from alignfast.ops.kl import FusedKLPenalty, kl_backends, make_kl_options, weighted_kl_sum
 
 
 class LinearPPOLoss(LinearLossBase):
@@ -36,10 +36,12 @@ class LinearPPOLoss(LinearLossBase):
     entropy_coef, token_backend (the token pass's backend); `log_entropy` computes the entropy for
     the metric even when entropy_coef is 0 (one more pass per block).
 
-    kl_estimator="full": KL_t is the exact KL(π‖π_ref) over the whole vocabulary, from `linear_kl`
-    on hidden/weight and ref_hidden/ref_weight (no logits; differentiable w.r.t. the policy side;
-    2 more vocab projections forward, 2 backward). It needs ref_hidden + ref_weight (ref_logps only
-    hold the sampled tokens) and no softcap.
+    kl_estimator="full": KL_t is the exact KL(π‖π_ref) over the whole vocabulary, from hidden/weight
+    and ref_hidden/ref_weight (no logits; differentiable w.r.t. the policy side). With a gradient on the
+    native backends (`cpp`, `cuda`) it rides along the policy's fused pass (`ops.kl.FusedKLPenalty`):
+    each chunk's reference block beside the policy's, 4 vocab projections in all, chunks of half as many
+    rows; elsewhere a separate `linear_kl` pass. It needs ref_hidden + ref_weight (ref_logps only hold
+    the sampled tokens) and no softcap.
 
     forward(hidden [B, T, H], weight [V, H], labels [B, T], old_logprobs [B, T], advantages [B, T] or [B],
             bias=None, *, ref_hidden + ref_weight (+ ref_bias) or ref_logps [B, T])
@@ -94,16 +96,23 @@ class LinearPPOLoss(LinearLossBase):
             share = batch.token_share if self.loss_agg == "token-mean" else batch.row_share
             return loss * share, metrics
 
-        # "full" takes the reference from linear_kl below, not as sampled-token log-probs.
+        # "full" takes the reference from linear_kl, not as sampled-token log-probs: riding along the
+        # policy's fused pass where the backend can carry it (4 vocab projections), else on its own (7).
         refs = {} if full else dict(ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
                                     ref_logps=ref_logps)
+        penalty = self._full_kl_term(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias) \
+            if full and ref_hidden is not None else None
         loss, metrics = self._loss(formula, hidden, weight, bias, labels, ref_per_token=True,
-                                   with_entropy=self.log_entropy or bool(self.entropy_coef), **refs)
-        if full and ref_hidden is not None:
-            penalty, kl, mask = self._full_kl(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias)
-            if self.kl_coef:
-                loss = loss + penalty
-            metrics["kl"] = masked_mean(kl, mask).detach()
+                                   with_entropy=self.log_entropy or bool(self.entropy_coef), extra=penalty, **refs)
+        if penalty is not None:
+            valid = labels != self.ignore_index
+            if penalty.index is not None:  # carried: its value is in the loss already
+                kl = penalty.per_row(labels.numel()).view(labels.shape)
+            else:
+                value, kl = self._full_kl(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, penalty)
+                if self.kl_coef:
+                    loss = loss + value
+            metrics["kl"] = masked_mean(kl, valid.to(kl.dtype)).detach()
         return loss, metrics
 
     def _check_full_reference(self, ref_hidden, ref_weight, ref_logps) -> None:
@@ -115,10 +124,9 @@ class LinearPPOLoss(LinearLossBase):
                              f"(got ref_hidden={'a tensor' if ref_hidden is not None else None}, "
                              f"ref_weight={'a tensor' if ref_weight is not None else None})")
 
-    def _full_kl(self, hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias):
-        """(kl_coef·aggregate(KL) — the penalty, differentiable —, the [B, T] KL(π‖π_ref) over the vocabulary,
-        0 at ignored positions, and the [B, T] float mask). The aggregate is linear in the KL, so its
-        per-token weights are known up front: the native backends form the gradient in the forward."""
+    def _full_kl_term(self, hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias) -> FusedKLPenalty:
+        """kl_coef·aggregate(KL(π‖π_ref)) as per-token weights on the flat rows (the aggregate is linear in
+        the KL, so they are known up front), for the policy's fused pass to carry (`FusedKLPenalty`)."""
         valid = labels != self.ignore_index
         backend = self.backend if self.backend in kl_backends() else "auto"
         opts = make_kl_options(hidden, weight, ref_hidden, ref_weight, bias, ref_bias, valid, reverse=False,
@@ -127,11 +135,17 @@ class LinearPPOLoss(LinearLossBase):
         with torch.inference_mode(False), torch.enable_grad():
             probe = torch.zeros(labels.shape, dtype=torch.float64, device=labels.device, requires_grad=True)
             (weights,) = torch.autograd.grad(aggregate(probe, valid.to(torch.float64), self.loss_agg), probe)
+        return FusedKLPenalty(ref_hidden.reshape(-1, ref_hidden.shape[-1]), ref_weight, ref_bias,
+                              (self.kl_coef * weights).reshape(-1), opts)
+
+    def _full_kl(self, hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, term: FusedKLPenalty):
+        """The penalty on its own where the policy's pass could not carry it: (Σ w·KL, differentiable;
+        the [B, T] KL, 0 at ignored positions). Native backends still form its gradient in the forward."""
+        valid = (labels != self.ignore_index).reshape(-1)
         with torch.set_grad_enabled(torch.is_grad_enabled() and bool(self.kl_coef)):  # metric only: no graph
-            penalty, kl = weighted_kl_sum(hidden.reshape(-1, hidden.shape[-1]), weight, bias,
-                                          ref_hidden.reshape(-1, ref_hidden.shape[-1]), ref_weight, ref_bias,
-                                          valid.reshape(-1), opts, (self.kl_coef * weights).reshape(-1))
-        return penalty, kl.view(labels.shape), valid.to(kl.dtype)
+            value, kl = weighted_kl_sum(hidden.reshape(-1, hidden.shape[-1]), weight, bias, term.ref_hidden,
+                                        term.ref_weight, term.ref_bias, valid, term.opts, term.token_weights)
+        return value, kl.view(labels.shape)
 
 
 class LinearGRPOLoss(LinearLossBase):

@@ -16,6 +16,7 @@ Vocab projections per call: forward 1; backward 3 (recompute, grad_hidden, grad_
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import torch
@@ -25,6 +26,9 @@ from alignfast.ops.rowwise import RowStats, tempered
 
 # (g_logprob, g_entropy, g_lse, g_zmean) for one chunk, from that chunk's statistics.
 Upstream = Callable[[RowStats], tuple]
+# An extra term of the loss riding along `forward_backward`: (rows, their raw logits block z, left as it
+# is) -> its gradient on z in a block of its own, added to the pass's (or None: nothing to add).
+Extra = Callable[[slice, torch.Tensor], "torch.Tensor | None"]
 
 
 def logits_block(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -73,12 +77,13 @@ class ChunkedLogProbs:
     def __init__(self, rows, *, vocab_major: bool = False):
         self.rows, self.vocab_major = rows, vocab_major
 
-    def _logits(self, hidden, weight, bias, out, *, whole_vocab: bool = True) -> torch.Tensor:
+    def _logits(self, hidden, weight, bias, out, *, whole_vocab: bool = True, row_major: bool = False) -> torch.Tensor:
         """`logits_block`, vocab-major where asked (`cpu_layout`) for a block spanning the whole
         vocabulary (a token chunk) on a CPU; vocab slices of all tokens stay row-major: there the
         layout gained nothing and grad_hidden's product lost ~5% (MKL on a Xeon, slices of
-        4096 × 16384: benchmarks/results/cpu-layouts/)."""
-        vocab_major = self.vocab_major and whole_vocab and hidden.device.type == "cpu"
+        4096 × 16384: benchmarks/results/cpu-layouts/). `row_major`: always (an extra term's kernels
+        read it)."""
+        vocab_major = self.vocab_major and whole_vocab and not row_major and hidden.device.type == "cpu"
         return logits_block(hidden, weight, bias, out=out, vocab_major=vocab_major)
 
     def forward(self, hidden, weight, bias, targets, opts: LogitOptions, *, buf=None) -> RowStats:
@@ -154,14 +159,16 @@ class ChunkedLogProbs:
         return dz
 
     def forward_backward(self, hidden, weight, bias, targets, opts: LogitOptions, upstream: Upstream, needs,
-                         *, bounds=None):
+                         *, bounds=None, extra: Extra | None = None):
         """Statistics and gradients in one sweep, when the upstream gradient of each chunk follows
         from that chunk's own statistics: 3 vocab projections instead of 4.
 
         bounds: optional explicit chunks, (start, stop) row ranges covering [0, N) in order, e.g.
         whole sequences (or pairs) per chunk so that `upstream` can evaluate a per-sequence loss;
         `upstream` is then called once per range, in that order. Default: `opts.chunk_rows` rows.
-        A range longer than `opts.chunk_rows` stays within the byte budget (`_long_range`)."""
+        A range longer than `opts.chunk_rows` stays within the byte budget (`_long_range`).
+        extra: another term of the loss whose gradient on each row's logits it forms from the same
+        (row-major) block, called once per row, before the row kernels overwrite the block."""
         n, cdtype = hidden.shape[0], compute_dtype(hidden.dtype)
         out = _empty_stats(n, opts, cdtype, hidden.device)
         acc = _GradAccumulator(hidden, weight, bias, needs, opts.grad_filter_eps)
@@ -171,16 +178,18 @@ class ChunkedLogProbs:
         for start, stop in ranges:
             sl = slice(start, min(stop, n))
             if sl.stop - start > step:
-                _store(out, sl, self._long_range(hidden, weight, bias, targets, sl, step, opts, upstream, acc, block))
+                _store(out, sl, self._long_range(hidden, weight, bias, targets, sl, step, opts, upstream, acc, block,
+                                                 extra))
                 continue
-            z = self._logits(hidden[sl], weight, bias, block(sl.stop - start))
+            z = self._logits(hidden[sl], weight, bias, block(sl.stop - start), row_major=extra is not None)
+            extra_dz = None if extra is None else extra(sl, z)
             st, dz = self._stats_grad_(z, targets[sl], opts, upstream)
             _store(out, sl, st)
-            acc.add(sl, dz)
+            acc.add(sl, _plus(dz, extra_dz))
         return out, acc.result()
 
     def _long_range(self, hidden, weight, bias, targets, sl: slice, step: int, opts, upstream, acc,
-                    block) -> RowStats:
+                    block, extra: Extra | None = None) -> RowStats:
         """One `upstream` range of more than `step` rows (a pair or sequence longer than the byte
         budget's block), in blocks of at most `step` rows: the statistics of the rows after the first
         `step` (a forward pass), then the first block's logits, kept, whose statistics complete the
@@ -197,15 +206,19 @@ class ChunkedLogProbs:
             whole["grads"] = upstream(whole["stats"])
             return tuple(_rows_of(g, slice(0, step)) for g in whole["grads"])
 
-        z = self._logits(hidden[head], weight, bias, block(step))
-        acc.add(head, self._stats_grad_(z, targets[head], opts, head_upstream)[1])
+        row_major = extra is not None
+        z = self._logits(hidden[head], weight, bias, block(step), row_major=row_major)
+        extra_dz = None if extra is None else extra(head, z)
+        acc.add(head, _plus(self._stats_grad_(z, targets[head], opts, head_upstream)[1], extra_dz))
         st, grads = whole["stats"], whole["grads"]
         for start in range(rest.start, rest.stop, step):
             part = slice(start, min(start + step, rest.stop))
             local = slice(start - sl.start, part.stop - sl.start)
-            z = self._logits(hidden[part], weight, bias, block(part.stop - start))
-            acc.add(part, self.rows.grad_(z, targets[part], st.lse[local], _rows_of(st.entropy, local),
-                                          *(_rows_of(g, local) for g in grads), opts))
+            z = self._logits(hidden[part], weight, bias, block(part.stop - start), row_major=row_major)
+            extra_dz = None if extra is None else extra(part, z)
+            dz = self.rows.grad_(z, targets[part], st.lse[local], _rows_of(st.entropy, local),
+                                 *(_rows_of(g, local) for g in grads), opts)
+            acc.add(part, _plus(dz, extra_dz))
         return st
 
     def _stats_grad_(self, z, targets, opts, upstream):
@@ -273,12 +286,17 @@ class _GradAccumulator:
             if kept.numel() < dz.shape[1]:
                 return self._add_columns(rows, cols, dz, kept)
         first_cols, first_rows = cols.start == 0 and self.eps is None, rows.start == 0 and self.eps is None
+        # a low-precision head: its products take dz in the head's dtype (as naive's gradient is), once
+        tensor_cores = self.need_w and h.dtype != self.cdtype and low_precision_products(h.device)
+        dz_low = dz.to(w.dtype) if self.need_h or tensor_cores else None
         if self.need_h:
             if w.dtype == self.gh.dtype:   # the product lands in grad_hidden directly
-                _mm_into(self.gh[rows], dz.to(w.dtype), w, add=not first_cols)
+                _mm_into(self.gh[rows], dz_low, w, add=not first_cols)
             else:   # a low-precision head over vocab slices: its bf16/fp16 products summed in fp32
-                _into(self.gh[rows], torch.mm(dz.to(w.dtype), w), add=not first_cols)
-        if self.need_w:  # low-precision inputs: this product runs in fp32 (exact accumulation)
+                _into(self.gh[rows], torch.mm(dz_low, w), add=not first_cols)
+        if tensor_cores:  # bf16/fp16 on a GPU: a low-precision product accumulated in fp32 grad_weight
+            _mm_into(self.gw[cols], dz_low.t(), h, add=not first_rows, out_dtype=self.cdtype)
+        elif self.need_w:  # an fp32 product: exact accumulation, and the only one a CPU has for bf16 into fp32
             _mm_into(self.gw[cols], dz.t(), h.to(self.cdtype), add=not first_rows)
         if self.need_b:
             _into(self.gb[cols], dz.sum(dim=0), add=not first_rows)
@@ -301,11 +319,38 @@ class _GradAccumulator:
         return gh, gw, gb
 
 
-def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, add: bool) -> None:
-    if add:
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, add: bool, out_dtype=None) -> None:
+    """out (+)= a·b; `out_dtype`: a and b in a lower precision than out (fp32 accumulation and result)."""
+    if out_dtype is not None:
+        if add:
+            torch.addmm(out, a, b, out_dtype=out_dtype, out=out)
+        else:
+            torch.mm(a, b, out_dtype=out_dtype, out=out)
+    elif add:
         out.addmm_(a, b)
     else:
         torch.mm(a, b, out=out)
+
+
+@functools.cache
+def _checked_low_precision_products(device: torch.device) -> bool:
+    """Whether this torch multiplies bf16 matrices into an fp32 result, in place, on `device`
+    (`aten::addmm.dtype_out`: CUDA only), checked once on small matrices against an fp32 product."""
+    try:
+        g = torch.Generator(device=device).manual_seed(0)
+        a, b = (torch.randn(s, generator=g, device=device).to(torch.bfloat16) for s in ((16, 32), (32, 8)))
+        out = torch.randn(16, 8, generator=g, device=device)
+        want = out + a.float() @ b.float()
+        torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+        return bool(torch.allclose(out, want, rtol=1e-3, atol=1e-3))
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+def low_precision_products(device: torch.device) -> bool:
+    """bf16/fp16 gradient products on tensor cores into fp32 (a GPU; an fp32 GEMM there runs several
+    times slower than the rest of the pass); on a CPU the product stays fp32."""
+    return device.type == "cuda" and _checked_low_precision_products(device)
 
 
 def _into(out: torch.Tensor, value: torch.Tensor, *, add: bool) -> None:
@@ -321,6 +366,10 @@ def _empty_stats(n: int, opts: LogitOptions, dtype, device) -> RowStats:
 
     return RowStats(empty(), empty() if opts.with_entropy else None, empty(),
                     empty() if opts.with_zmean else None)
+
+
+def _plus(dz: torch.Tensor, extra_dz: torch.Tensor | None) -> torch.Tensor:
+    return dz if extra_dz is None else dz.add_(extra_dz)
 
 
 def _rows_of(x: torch.Tensor | None, rows: slice) -> torch.Tensor | None:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from alignfast import dispatch
 from alignfast.ops import native_rows, validation
-from alignfast.ops.chunked import _GradAccumulator, logits_block
+from alignfast.ops.chunked import _BlockBuffer, _GradAccumulator, logits_block
 from alignfast.ops.first_order import first_order
 from alignfast.ops.gradient_in_forward import GradientInForward
 from alignfast.ops.logprobs import reference_logits
@@ -309,6 +309,64 @@ def weighted_kl_sum(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targ
     if targets_mask is not None:
         kl = kl.new_zeros(targets_mask.shape[0]).index_copy(0, idx, kl)
     return total, kl
+
+
+class FusedKLPenalty:
+    """Σ_n w_n·KL[n] (per-token weights known up front) riding along a fused loss's policy pass
+    (`ChunkedLogProbs.forward_backward(extra=...)`, through `LinearLossBase._loss(extra=...)`): for each
+    token chunk, the policy's raw logits block, before the pass's row kernels overwrite it, and the
+    reference's block of the same rows give the rows' KL and its gradient, which the native kernel
+    writes into the reference's block for the pass to add to its own. The policy's projections are
+    shared: 4 vocab projections for a loss plus this penalty (policy, reference, grad_hidden,
+    grad_weight) where a separate `weighted_kl_sum` takes 7. Native backends only (their KL kernels
+    leave z as it is and can write beside it); `blocks`: the chunk holds the policy's and the
+    reference's block within the byte budget.
+
+    ref_hidden [N, H_ref], ref_weight, ref_bias: the reference (no gradient); token_weights [N]: w, in
+    the same row order as the loss's flat rows; `bind(index)` takes the rows in the pass's order."""
+
+    blocks = 2
+
+    def __init__(self, ref_hidden, ref_weight, ref_bias, token_weights, opts: KLOptions):
+        self.ref_hidden, self.ref_weight = ref_hidden.detach(), ref_weight.detach()
+        self.ref_bias = None if ref_bias is None else ref_bias.detach()
+        self.token_weights, self.opts = token_weights, opts
+        self.index = self.kl = None
+        self._block = None
+
+    def supports(self, backend: str) -> bool:
+        """Whether a policy pass on `backend` can carry this term (its blocks on a device with KL kernels)."""
+        return backend in NATIVE and native_rows.kl_available()
+
+    def bind(self, index: torch.Tensor) -> "FusedKLPenalty":
+        """The pass's rows: `index` [n] of the flat rows, in the pass's order."""
+        self.index = index
+        self.ref_rows = self.ref_hidden.index_select(0, index)
+        self.weights = self.token_weights.index_select(0, index)
+        self.kl = torch.empty(index.numel(), dtype=compute_dtype(self.ref_hidden.dtype), device=index.device)
+        self._weighted = bool(self.weights.any())  # kl_coef 0: the KL for the metric only, no gradient
+        self._block = _BlockBuffer(self.ref_hidden, self.ref_weight)
+        return self
+
+    def __call__(self, rows: slice, z: torch.Tensor) -> torch.Tensor | None:
+        """∂(Σ_rows w·KL)/∂z for the rows' raw policy logits z [r, V] (row-major, left as it is), in this
+        term's own block; the rows' KLs go to `self.kl`."""
+        n = rows.stop - rows.start
+        z_ref = logits_block(self.ref_rows[rows], self.ref_weight, self.ref_bias, out=self._block(n))
+        kl, lse, ref_lse = native_rows.kl_stats(z, z_ref, self.opts.temperature, self.opts.reverse)
+        self.kl[rows] = kl
+        if not self._weighted:
+            return None
+        return native_rows.kl_grad_(z, z_ref, lse, ref_lse, kl, self.weights[rows].to(kl.dtype),
+                                    self.opts.temperature, self.opts.reverse, into_ref=True)
+
+    def total(self) -> torch.Tensor:
+        """Σ w·KL over the bound rows (after the pass)."""
+        return (self.kl * self.weights.to(self.kl.dtype)).sum()
+
+    def per_row(self, n_rows: int) -> torch.Tensor:
+        """The KL [n_rows] of the flat rows, 0 where the pass had none (after the pass)."""
+        return self.kl.new_zeros(n_rows).index_copy_(0, self.index, self.kl)
 
 
 def kl_per_token(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets_mask, opts: KLOptions):

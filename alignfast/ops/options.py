@@ -31,9 +31,12 @@ class LogitOptions:
     # backward only: vocab columns (chunked/cpp/cuda) or tiles (triton) whose every |dL/dz| is below
     # this skip the gradient products; None keeps the gradients exact
     grad_filter_eps: float | None = None
+    # [rows, V] blocks a token chunk holds at once within the budget: 2 when a fused loss's extra term
+    # (PPO's full-vocabulary KL) forms the reference's block beside the policy's
+    blocks: int = 1
 
     def chunk_rows(self, vocab: int, dtype: torch.dtype = torch.float32) -> int:
-        """Tokens per chunk: `chunk_size`, or as many [rows, V] fp32 blocks as fit the byte budget.
+        """Tokens per chunk: `chunk_size`, or as many rows as `blocks` [rows, V] fp32 blocks fit in the budget.
 
         The budget is ALIGNFAST_CHUNK_BYTES (default 256 MiB) for one block: the native row kernels
         (`cpp`, `cuda`) work in it in place; PyTorch's row math (`chunked`) holds up to two more
@@ -42,7 +45,7 @@ class LogitOptions:
         """
         if self.chunk_size is not None:
             return self.chunk_size
-        return budget_rows(vocab, dtype)
+        return budget_rows(vocab, dtype, self.blocks)
 
     def block_shape(self, tokens: int, vocab: int, dtype: torch.dtype = torch.float32) -> tuple[int, int]:
         """(rows, cols) of the backward's [rows, cols] logits blocks, within the same byte budget.

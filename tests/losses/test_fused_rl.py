@@ -216,6 +216,51 @@ def test_ppo_full_vocab_kl(agg, dtype, backend, kl_coef):
     assert_close(metrics["policy_loss"], pg, rtol=rtol, name="policy_loss metric")
 
 
+@pytest.mark.skipif("cpp" not in dispatch.backends("cpu"), reason="alignfast._C is not built")
+@pytest.mark.parametrize("chunk_size", [7, 3], ids=["whole-sequences", "longer-than-a-chunk"])
+def test_ppo_full_vocab_kl_rides_along_the_policy_pass(monkeypatch, chunk_size):
+    """cpp: the KL penalty is formed from the policy pass's own logits blocks, beside a reference block
+    of the same rows: 4 vocab projections per row (policy, reference, grad_hidden, grad_weight; one more
+    policy projection for the rows of a sequence past its first chunk), not 3 + 4 in a separate pass."""
+    from alignfast.ops import kl as kl_ops
+
+    policy, ref, labels, extra = make_rollout(FP64)
+    leaves = {k: v.requires_grad_() for k, v in policy.items()}
+    counts = dict(policy=0, ref=0, products=0)
+    real_block, real_mm, real_addmm_ = chunked.logits_block, torch.mm, torch.Tensor.addmm_
+
+    def wrap(real, key):
+        def f(*a, **k):
+            counts[key] += 1
+            return real(*a, **k)
+        return f
+
+    monkeypatch.setattr(chunked, "logits_block", wrap(real_block, "policy"))
+    monkeypatch.setattr(kl_ops, "logits_block", wrap(real_block, "ref"))
+    monkeypatch.setattr(torch, "mm", wrap(real_mm, "products"))
+    monkeypatch.setattr(torch.Tensor, "addmm_", wrap(real_addmm_, "products"))
+    module = LinearPPOLoss(kl_estimator="full", kl_coef=0.3, backend="cpp", chunk_size=chunk_size)
+    loss, metrics = module(leaves["hidden"], leaves["weight"], labels, extra["old_logprobs"], extra["advantages_tok"],
+                           leaves["bias"], **ref)
+    got = torch.autograd.grad(loss, list(leaves.values()))
+    lengths = (labels != -100).sum(-1).tolist()
+    grad_blocks = sum(-(-n // chunk_size) for n in lengths) if chunk_size == 3 else counts["ref"]
+    assert counts["ref"] == grad_blocks > 1 and counts["products"] == 2 * grad_blocks  # one of each per block
+    stats_only = counts["policy"] - grad_blocks  # the rows past a sequence's first chunk: a statistics pass
+    assert stats_only == (0 if chunk_size == 7 else sum(1 for n in lengths if n > chunk_size))
+
+    oracle = {k: v.detach().requires_grad_() for k, v in policy.items()}
+    lp, _ = token_stats(*oracle.values(), labels)
+    mask = labels != -100
+    kl = full_kl(*oracle.values(), *ref.values(), labels)
+    want = ppo_policy_loss(lp, extra["old_logprobs"], extra["advantages_tok"], mask, backend="torch")[0] \
+        + 0.3 * masked_mean(kl, mask.double())
+    assert_close(loss, want, rtol=1e-10, name="loss")
+    for a, e, name in zip(got, torch.autograd.grad(want, list(oracle.values())), leaves):
+        assert_close(a, e, rtol=1e-10, name=name)
+    assert_close(metrics["kl"], masked_mean(kl, mask.double()), rtol=1e-10, name="kl metric")
+
+
 def test_ppo_full_vocab_kl_needs_reference_heads():
     policy, ref, labels, extra = make_rollout(FP64)
     args = (policy["hidden"], policy["weight"], labels, extra["old_logprobs"], extra["advantages_tok"])

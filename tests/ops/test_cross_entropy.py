@@ -133,3 +133,41 @@ def test_gradient_from_the_forward_survives_retain_graph(scale):
     (F.cross_entropy(ref_h @ ref_w.t(), targets) * scale).backward()
     assert_close(first[0], ref_h.grad, rtol=1e-5)
     assert_close(first[1], ref_w.grad, rtol=1e-5)
+
+
+def test_low_precision_weight_gradient_products_accumulate_in_fp32(monkeypatch):
+    """Where a GPU multiplies bf16 into fp32 (`chunked.low_precision_products`), grad_weight's product
+    takes dz in bf16 and accumulates every chunk in fp32 (an fp32 GEMM there ran several times slower).
+    Here the out_dtype products are emulated on the CPU, to check the chunks' first write and adds."""
+    from alignfast.ops import chunked
+
+    calls = []
+    real_mm, real_addmm = torch.mm, torch.addmm
+
+    def mm(a, b, *, out_dtype=None, out=None):
+        if out_dtype is None:
+            return real_mm(a, b, out=out) if out is not None else real_mm(a, b)
+        calls.append("mm")
+        assert a.dtype == b.dtype == torch.bfloat16 and out.dtype == out_dtype == torch.float32
+        return out.copy_(real_mm(a.float(), b.float()))
+
+    def addmm(c, a, b, *, out_dtype=None, out=None, **kw):
+        if out_dtype is None:
+            return real_addmm(c, a, b, out=out, **kw) if out is not None else real_addmm(c, a, b, **kw)
+        calls.append("addmm")
+        assert a.dtype == b.dtype == torch.bfloat16 and out is c and out.dtype == torch.float32
+        return out.add_(real_mm(a.float(), b.float()))
+
+    monkeypatch.setattr(chunked, "low_precision_products", lambda device: True)
+    monkeypatch.setattr(torch, "mm", mm)
+    monkeypatch.setattr(torch, "addmm", addmm)
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(40, 16, generator=g, dtype=torch.float64)
+    weight = torch.randn(50, 16, generator=g, dtype=torch.float64) / 4
+    targets = torch.randint(0, 50, (40,), generator=g)
+    h, w = hidden.bfloat16().requires_grad_(), weight.bfloat16().requires_grad_()
+    alignfast.linear_cross_entropy(h, w, targets, backend="chunked", chunk_size=16).backward()
+    assert calls == ["mm", "addmm", "addmm"]  # 3 token chunks: written once, then added
+    w64 = weight.clone().requires_grad_()
+    torch.nn.functional.cross_entropy(hidden @ w64.t(), targets).backward()
+    assert_close(w.grad.double(), w64.grad, rtol=0, atol=2e-2 * w64.grad.abs().max().item(), name="grad_weight")
