@@ -124,21 +124,29 @@ def test_grpo(case, ref_mode, dtype, chunk_size, on_policy):
     run(LinearGRPOLoss(backend="chunked", chunk_size=chunk_size, **kw), call, expected, dtype, ref_mode)
 
 
-def test_grpo_three_projections(monkeypatch):
-    policy, ref, labels, extra = make_rollout(FP64)
-    leaves = {k: v.requires_grad_() for k, v in policy.items()}
-    counts = dict(blocks=0, products=0)
-    real_block, real_mm, real_addmm_ = chunked.logits_block, torch.mm, torch.Tensor.addmm_
+PRODUCTS = [(torch, "mm"), (torch.Tensor, "addmm_")]  # the gradient products (grad_hidden, grad_weight)
 
-    def wrap(real, key):
+
+def count_calls(monkeypatch, targets: dict) -> dict:
+    """{key: [(owner, attribute), ...]} -> counts of the calls to each key's functions, as they happen."""
+    counts = dict.fromkeys(targets, 0)
+
+    def counted(real, key):
         def f(*a, **k):
             counts[key] += 1
             return real(*a, **k)
         return f
 
-    monkeypatch.setattr(chunked, "logits_block", wrap(real_block, "blocks"))
-    monkeypatch.setattr(torch, "mm", wrap(real_mm, "products"))
-    monkeypatch.setattr(torch.Tensor, "addmm_", wrap(real_addmm_, "products"))
+    for key, places in targets.items():
+        for owner, name in places:
+            monkeypatch.setattr(owner, name, counted(getattr(owner, name), key))
+    return counts
+
+
+def test_grpo_three_projections(monkeypatch):
+    policy, ref, labels, extra = make_rollout(FP64)
+    leaves = {k: v.requires_grad_() for k, v in policy.items()}
+    counts = count_calls(monkeypatch, {"blocks": [(chunked, "logits_block")], "products": PRODUCTS})
     loss, _ = LinearGRPOLoss(backend="chunked", chunk_size=7, beta=0.1)(
         leaves["hidden"], leaves["weight"], labels, extra["advantages_seq"], leaves["bias"], **ref_inputs("token", ref, labels))
     loss.backward()
@@ -226,19 +234,8 @@ def test_ppo_full_vocab_kl_rides_along_the_policy_pass(monkeypatch, chunk_size):
 
     policy, ref, labels, extra = make_rollout(FP64)
     leaves = {k: v.requires_grad_() for k, v in policy.items()}
-    counts = dict(policy=0, ref=0, products=0)
-    real_block, real_mm, real_addmm_ = chunked.logits_block, torch.mm, torch.Tensor.addmm_
-
-    def wrap(real, key):
-        def f(*a, **k):
-            counts[key] += 1
-            return real(*a, **k)
-        return f
-
-    monkeypatch.setattr(chunked, "logits_block", wrap(real_block, "policy"))
-    monkeypatch.setattr(kl_ops, "logits_block", wrap(real_block, "ref"))
-    monkeypatch.setattr(torch, "mm", wrap(real_mm, "products"))
-    monkeypatch.setattr(torch.Tensor, "addmm_", wrap(real_addmm_, "products"))
+    counts = count_calls(monkeypatch, {"policy": [(chunked, "logits_block")], "ref": [(kl_ops, "logits_block")],
+                                       "products": PRODUCTS})
     module = LinearPPOLoss(kl_estimator="full", kl_coef=0.3, backend="cpp", chunk_size=chunk_size)
     loss, metrics = module(leaves["hidden"], leaves["weight"], labels, extra["old_logprobs"], extra["advantages_tok"],
                            leaves["bias"], **ref)
