@@ -145,14 +145,17 @@ class LinearLossBase(nn.Module):
     # --- the driver -------------------------------------------------------------------------
     def _loss(self, formula: Formula, hidden, weight, bias, labels, *, ref_hidden=None, ref_weight=None,
               ref_bias=None, ref_logps=None, with_entropy: bool = False, ref_per_token: bool = False,
-              separable: bool = True, extra=None):
+              separable: bool = True, token_sum: bool = False, extra=None):
         """(loss, metrics) of `formula` on the policy's log-probs of `labels`.
 
         hidden [B, T, H], weight [V, H], bias [V] | None, labels [B, T] (ignore_index to skip);
         the reference from ref_hidden [B, T, H] + ref_weight [V, H] (+ ref_bias), or ref_logps
         [B] / [B, T]; `ref_per_token`: the formula needs the reference per token; `separable`: False
         when the formula couples the units of the batch (sorting, batch statistics), which rules out
-        per-chunk gradients. `extra`: another term of the loss that can ride along the fused pass
+        per-chunk gradients. `token_sum`: the formula is a sum over tokens with a batch-wide normaliser
+        (`token_share`: PPO's token-mean, GRPO's dapo/bnpo), so a sequence may be split between chunks at
+        any token (a long completion costs 3 projections per row, not 4 past its first chunk's worth).
+        `extra`: another term of the loss that can ride along the fused pass
         (`ops.kl.FusedKLPenalty`: `supports(backend)`, `blocks`, `bind(index)`, `total()`); it joins the
         loss only where it was bound (the fused path on a backend it supports): the caller checks
         `extra.index is not None` and otherwise adds the term itself.
@@ -172,10 +175,11 @@ class LinearLossBase(nn.Module):
         tensors = (hidden, weight) + (() if bias is None else (bias,))
         wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
         if wants_grad and separable and _has_forward_backward(opts.backend):
-            carried = extra is not None and extra.supports(opts.backend)
+            # grad_filter_eps thins the policy's gradient only (the filter sees the blocks the pass adds)
+            carried = extra is not None and extra.supports(opts.backend) and opts.grad_filter_eps is None
             if carried:
                 opts = replace(opts, blocks=extra.blocks)
-            plan = _FusedPass.plan(self.unit, formula, whole, opts, weight.shape[0], hidden.dtype)
+            plan = _FusedPass.plan(self.unit, formula, whole, opts, weight.shape[0], hidden.dtype, token_sum)
             plan.extra = extra.bind(plan.index) if carried else None
             loss = _FusedPolicyLoss.apply(flat_h.index_select(0, plan.index), weight, bias,
                                           flat_t.index_select(0, plan.index), opts, plan)
@@ -255,29 +259,44 @@ def _detached(metrics: Metrics) -> Metrics:
 class _FusedPass:
     """The chunk plan of one fused forward-backward, and its per-chunk upstream gradients."""
 
-    def __init__(self, formula: Formula, whole: SequenceBatch, index, bounds, chunk_rows, with_entropy):
+    def __init__(self, formula: Formula, whole: SequenceBatch, index, bounds, chunk_rows, with_entropy,
+                 chunk_masks=None):
         self.formula, self.whole = formula, whole
         self.index = index            # [n] flat positions of the valid tokens, in chunk order
         self.bounds = bounds          # [(start, stop)] token ranges of the chunks
         self.chunk_rows = chunk_rows  # per chunk: [b] rows of the batch, or None for token chunks
+        self.chunk_masks = chunk_masks  # per chunk: [b, T] its tokens of those rows (split sequences), or None
         self.with_entropy = with_entropy
         self.extra = None             # another term riding along the pass (`LinearLossBase._loss`)
         self._next = 0
         self.metrics: Metrics = {}
 
     @classmethod
-    def plan(cls, unit, formula, whole: SequenceBatch, opts: LogitOptions, vocab, dtype) -> "_FusedPass":
+    def plan(cls, unit, formula, whole: SequenceBatch, opts: LogitOptions, vocab, dtype,
+             token_sum: bool = False) -> "_FusedPass":
         """Chunks of whole units of at most `chunk_rows` tokens; a longer unit is a chunk of its own,
-        which `forward_backward` runs in blocks within the budget (`ChunkedLogProbs._long_range`)."""
+        which `forward_backward` runs in blocks within the budget (`ChunkedLogProbs._long_range`).
+        `token_sum` (sequence units): chunks of `chunk_rows` tokens in row order, sequences split where
+        a chunk ends; each chunk's formula sees the rows it touches, masked to its own tokens."""
         step = opts.chunk_rows(vocab, compute_dtype(dtype))
         mask = whole.mask
         n_rows, seq_len = mask.shape
         flat_pos = torch.arange(n_rows * seq_len, device=mask.device).view(n_rows, seq_len)
-        if unit == "token":
+        if unit == "token" or (unit == "sequence" and token_sum):
             index = flat_pos[mask]
             n = index.numel()
-            return cls(formula, whole, index, [(s, min(s + step, n)) for s in range(0, n, step)],
-                       [None] * len(range(0, n, step)), opts.with_entropy)
+            bounds = [(s, min(s + step, n)) for s in range(0, n, step)]
+            if unit == "token":
+                return cls(formula, whole, index, bounds, [None] * len(bounds), opts.with_entropy)
+            rows, masks = [], []
+            for start, stop in bounds:
+                positions = index[start:stop]
+                chunk_rows = torch.unique_consecutive(positions // seq_len)
+                own = torch.zeros(n_rows * seq_len, dtype=torch.bool, device=mask.device)
+                own[positions] = True
+                rows.append(chunk_rows)
+                masks.append(own.view(n_rows, seq_len).index_select(0, chunk_rows))
+            return cls(formula, whole, index, bounds, rows, opts.with_entropy, masks)
 
         counts = mask.sum(-1).tolist()
         units = [(i, n_rows // 2 + i) for i in range(n_rows // 2)] if unit == "pair" else [(i,) for i in range(n_rows)]
@@ -310,12 +329,12 @@ class _FusedPass:
 
     def upstream(self, st):
         """(g_logprob, g_entropy, g_lse, g_zmean) of the loss for the next chunk's tokens."""
-        rows = self.chunk_rows[self._next]
+        k = self._next
         self._next += 1
         with torch.enable_grad():
             lp = st.logprob.detach().requires_grad_()
             ent = st.entropy.detach().requires_grad_() if self.with_entropy else None
-            batch = self._batch(rows, lp, ent)
+            batch = self._batch(k, lp, ent)
             loss, _ = self.formula(batch)
             leaves = [lp] + ([ent] if ent is not None else [])
             grads = (torch.autograd.grad(loss, leaves, allow_unused=True) if loss.requires_grad
@@ -324,13 +343,14 @@ class _FusedPass:
         g_ent = grads[1] if ent is not None else None  # None: the loss does not depend on the entropy
         return g_lp.detach(), None if g_ent is None else g_ent.detach(), None, None
 
-    def _batch(self, rows, lp, ent) -> SequenceBatch:
-        w = self.whole
+    def _batch(self, k: int, lp, ent) -> SequenceBatch:
+        """Chunk k's batch: its tokens' log-probs (and entropies) in the rows they belong to."""
+        w, rows = self.whole, self.chunk_rows[k]
         if rows is None:  # a token chunk: the flat [1, n] of its tokens
             mask = torch.ones(1, lp.shape[0], dtype=torch.bool, device=lp.device)
             return replace(w, logps=lp[None], entropy=None if ent is None else ent[None], mask=mask,
                            rows=rows, ref=None)
-        mask = w.mask.index_select(0, rows)
+        mask = w.mask.index_select(0, rows) if self.chunk_masks is None else self.chunk_masks[k]
         zeros = lp.new_zeros(mask.shape)
         return replace(w, logps=zeros.masked_scatter(mask, lp),
                        entropy=None if ent is None else zeros.masked_scatter(mask, ent),

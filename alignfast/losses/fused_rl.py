@@ -39,9 +39,10 @@ class LinearPPOLoss(LinearLossBase):
     kl_estimator="full": KL_t is the exact KL(π‖π_ref) over the whole vocabulary, from hidden/weight
     and ref_hidden/ref_weight (no logits; differentiable w.r.t. the policy side). With a gradient on the
     native backends (`cpp`, `cuda`) it rides along the policy's fused pass (`ops.kl.FusedKLPenalty`):
-    each chunk's reference block beside the policy's, 4 vocab projections in all, chunks of half as many
-    rows; elsewhere a separate `linear_kl` pass. It needs ref_hidden + ref_weight (ref_logps only hold
-    the sampled tokens) and no softcap.
+    each chunk's reference block beside the policy's, 4 vocab projections in all (5 for the rows of a
+    sequence past its first chunk with a per-sequence `loss_agg`), chunks of half as many rows when
+    `chunk_size` is not given; elsewhere (and with `grad_filter_eps`) a separate `linear_kl` pass. It
+    needs ref_hidden + ref_weight (ref_logps only hold the sampled tokens) and no softcap.
 
     forward(hidden [B, T, H], weight [V, H], labels [B, T], old_logprobs [B, T], advantages [B, T] or [B],
             bias=None, *, ref_hidden + ref_weight (+ ref_bias) or ref_logps [B, T])
@@ -103,7 +104,8 @@ class LinearPPOLoss(LinearLossBase):
         penalty = self._full_kl_term(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias) \
             if full and ref_hidden is not None else None
         loss, metrics = self._loss(formula, hidden, weight, bias, labels, ref_per_token=True,
-                                   with_entropy=self.log_entropy or bool(self.entropy_coef), extra=penalty, **refs)
+                                   with_entropy=self.log_entropy or bool(self.entropy_coef),
+                                   token_sum=self.loss_agg == "token-mean", extra=penalty, **refs)
         if penalty is not None:
             valid = labels != self.ignore_index
             if penalty.index is not None:  # carried: its value is in the loss already
@@ -198,4 +200,5 @@ class LinearGRPOLoss(LinearLossBase):
             return loss * share, metrics
 
         return self._loss(formula, hidden, weight, bias, labels, ref_hidden=ref_hidden, ref_weight=ref_weight,
-                          ref_bias=ref_bias, ref_logps=ref_logps, ref_per_token=True, with_entropy=self.log_entropy)
+                          ref_bias=ref_bias, ref_logps=ref_logps, ref_per_token=True, with_entropy=self.log_entropy,
+                          token_sum=self.loss_type in ("dapo", "bnpo"))

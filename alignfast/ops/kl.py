@@ -335,8 +335,8 @@ class FusedKLPenalty:
         self._block = None
 
     def supports(self, backend: str) -> bool:
-        """Whether a policy pass on `backend` can carry this term (its blocks on a device with KL kernels)."""
-        return backend in NATIVE and native_rows.kl_available()
+        """Whether a policy pass on `backend` can carry this term (native KL kernels that write beside z)."""
+        return backend in NATIVE and native_rows.kl_grad_into_ref_available()
 
     def bind(self, index: torch.Tensor) -> "FusedKLPenalty":
         """The pass's rows: `index` [n] of the flat rows, in the pass's order."""

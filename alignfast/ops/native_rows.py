@@ -40,6 +40,11 @@ def kl_available() -> bool:
     return available() and hasattr(torch.ops.alignfast, "kl_rows_stats")
 
 
+def kl_grad_into_ref_available() -> bool:
+    """The KL gradient op takes `into_ref` (an `alignfast._C` built before it would not)."""
+    return kl_available() and "into_ref" in str(torch.ops.alignfast.kl_rows_grad_.default._schema)
+
+
 def _register_fakes() -> None:
     @torch.library.register_fake(STATS_OP)
     def _stats_fake(z, targets, temperature, softcap, with_entropy, with_zmean):

@@ -367,11 +367,11 @@ class Trainer:
             self.accelerator.wait_for_everyone()
             return None
         candidates = ckpt.resume_candidates(self.cfg.resume_from, self.cfg.output_dir)
+        hashes = (self.cfg.config_hash(), self.cfg.config_hash(portable=False))  # the second: older runs'
         for i, path in enumerate(candidates):
             try:
                 state = ckpt.load_checkpoint(self.accelerator, path, model=self.accelerator.unwrap_model(self.model),
-                                             optimizer=self.optimizer, scheduler=self.scheduler,
-                                             config_hash=self.cfg.config_hash())
+                                             optimizer=self.optimizer, scheduler=self.scheduler, config_hash=hashes)
                 break
             except ckpt.CorruptCheckpoint as e:  # torn by a crash: nothing was loaded from it
                 if i + 1 == len(candidates):

@@ -191,9 +191,10 @@ def clear_for_new_run(output_dir: str, overwrite: bool, delete: bool = True) -> 
         shutil.rmtree(path)
 
 
-def verify_checkpoint(path: str, config_hash: str) -> dict:
+def verify_checkpoint(path: str, config_hash: str | tuple[str, ...]) -> dict:
     """The checkpoint's trainer state, after checking every file against the manifest and the run's
-    config hash. Raises CheckpointError saying what is wrong."""
+    config hash (or one of several the run accepts, its own first). Raises CheckpointError saying what is
+    wrong."""
     manifest_path = os.path.join(path, MANIFEST)
     if not os.path.isfile(manifest_path):
         raise CorruptCheckpoint(f"checkpoint {path!r} is incomplete or not a checkpoint: no {MANIFEST}")
@@ -210,14 +211,16 @@ def verify_checkpoint(path: str, config_hash: str) -> dict:
             raise CorruptCheckpoint(f"checkpoint {path!r} is corrupted: {fname} does not match its checksum")
     with open(os.path.join(path, STATE_FILE)) as f:
         state = json.load(f)
-    if state.get("config_hash") != config_hash:
+    accepted = (config_hash,) if isinstance(config_hash, str) else tuple(config_hash)
+    if state.get("config_hash") not in accepted:
         raise CheckpointError(
             f"checkpoint {path!r} belongs to another run: its config hash is {state.get('config_hash')!r}, "
-            f"this run's is {config_hash!r} (different model, data, or hyper-parameters)")
+            f"this run's is {accepted[0]!r} (different model, data, or hyper-parameters)")
     return state
 
 
-def load_checkpoint(accelerator, path: str, *, model, optimizer, scheduler, config_hash: str) -> dict:
+def load_checkpoint(accelerator, path: str, *, model, optimizer, scheduler,
+                    config_hash: str | tuple[str, ...]) -> dict:
     """Restores weights, optimizer, scheduler and this process's RNG; returns the trainer state."""
     state = verify_checkpoint(path, config_hash)
     if state.get("num_processes") != accelerator.num_processes:

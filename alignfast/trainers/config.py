@@ -25,6 +25,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 REPORT_TO = ("jsonl", "tensorboard", "wandb")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Fields that do not change what is trained: a run resumed with other values is the same run.
+# Fields naming files or model directories: in a run's identity, relative to the folder holding output_dir.
+PATH_FIELDS = {"model", "tokenizer", "dataset", "eval_dataset", "ref_model", "reward_model", "value_model",
+               "feedback_model", "constitution"}
 NOT_HASHED = {"resume_from", "overwrite_output_dir", "output_dir", "logging_steps", "eval_steps", "save_steps",
               "save_total_limit", "report_to", "disable_tqdm", "run_name", "max_bad_steps"}
 
@@ -165,15 +168,17 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def identity(self) -> dict:
-        """The options that determine the trained weights (not logging/checkpoint cadence), with paths
-        beside output_dir relative to the folder holding it."""
+    def identity(self, portable: bool = True) -> dict:
+        """The options that determine the trained weights (not logging/checkpoint cadence), with the
+        paths (PATH_FIELDS) beside output_dir relative to the folder holding it (`portable`)."""
         base = os.path.dirname(os.path.abspath(self.output_dir))
-        return {k: _portable_path(v, base) for k, v in self.to_dict().items() if k not in NOT_HASHED}
+        return {k: _portable_path(v, base) if portable and k in PATH_FIELDS else v
+                for k, v in self.to_dict().items() if k not in NOT_HASHED}
 
-    def config_hash(self) -> str:
-        """Hash of `identity()` and the stage."""
-        d = self.identity()
+    def config_hash(self, portable: bool = True) -> str:
+        """Hash of `identity()` and the stage; `portable=False`: as runs before the paths were made
+        portable hashed them (their checkpoints still resume: `Trainer` accepts both)."""
+        d = self.identity(portable)
         d["stage"] = self.stage
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -71,7 +71,8 @@ PPO_CASES = {
     "seq-mean-token-mean-high": dict(loss_agg="seq-mean-token-mean", clip_eps_high=0.28, entropy_coef=0.02),
 }
 SETTINGS = ([(c, "hidden", FP64, 7) for c in PPO_CASES] + [(c, "token", FP64, 12) for c in PPO_CASES]
-            + [("token-mean-kl-ent", "hidden", FP32, 12), ("token-mean-kl-ent", "token", FP64, 2)])
+            + [("token-mean-kl-ent", "hidden", FP32, 12), ("token-mean-kl-ent", "token", FP64, 2),
+               ("seq-mean-token-sum-dual", "hidden", FP64, 3)])  # per-sequence: sequences longer than a chunk
 IDS = [f"{c}-{m}-{'fp64' if d == FP64 else 'fp32'}-c{n}" for c, m, d, n in SETTINGS]
 
 
@@ -102,7 +103,7 @@ GRPO_CASES = {
     "dr_grpo": dict(loss_type="dr_grpo", beta=0.02, max_completion_length=8),
 }
 GSETTINGS = ([(c, "hidden", FP64, 7) for c in GRPO_CASES] + [(c, "token", FP32, 12) for c in ("dapo", "grpo")]
-             + [("grpo", "hidden", FP64, 2)])
+             + [(c, "hidden", FP64, 2) for c in GRPO_CASES])  # chunks shorter than every sequence
 GIDS = [f"{c}-{m}-{'fp64' if d == FP64 else 'fp32'}-c{n}" for c, m, d, n in GSETTINGS]
 
 
@@ -151,6 +152,25 @@ def test_grpo_three_projections(monkeypatch):
         leaves["hidden"], leaves["weight"], labels, extra["advantages_seq"], leaves["bias"], **ref_inputs("token", ref, labels))
     loss.backward()
     assert counts["products"] == 2 * counts["blocks"] and counts["blocks"] > 1  # 3 projections per chunk
+
+
+@pytest.mark.parametrize("loss_type,split", [("dapo", True), ("bnpo", True), ("grpo", False), ("dr_grpo", False)])
+def test_grpo_token_means_split_long_completions(monkeypatch, loss_type, split):
+    """Chunks of 3 tokens, completions of up to 4: a loss that is a token sum with a batch-wide normaliser
+    (dapo, bnpo) splits a completion between chunks, 3 projections per row; a per-sequence one (grpo,
+    dr_grpo) takes a statistics pass for a completion's rows past its first chunk."""
+    policy, ref, labels, extra = make_rollout(FP64)
+    leaves = {k: v.requires_grad_() for k, v in policy.items()}
+    counts = count_calls(monkeypatch, {"blocks": [(chunked, "logits_block")], "products": PRODUCTS})
+    loss, _ = LinearGRPOLoss(backend="chunked", chunk_size=3, loss_type=loss_type)(
+        leaves["hidden"], leaves["weight"], labels, extra["advantages_seq"], leaves["bias"])
+    loss.backward()
+    lengths = (labels != -100).sum(-1).tolist()
+    grad_blocks = counts["products"] // 2
+    if split:
+        assert grad_blocks == counts["blocks"] == -(-sum(lengths) // 3)
+    else:
+        assert counts["blocks"] - grad_blocks == sum(1 for n in lengths if n > 3) > 0
 
 
 def test_bad_input():
@@ -224,38 +244,64 @@ def test_ppo_full_vocab_kl(agg, dtype, backend, kl_coef):
     assert_close(metrics["policy_loss"], pg, rtol=rtol, name="policy_loss metric")
 
 
+FUSED_KL_CASES = {  # chunk size, loss_agg
+    "whole-sequences": (7, "token-mean"),
+    "split-sequences": (3, "token-mean"),            # a token mean: a sequence may end in the next chunk
+    "longer-than-a-chunk": (3, "seq-mean-token-mean"),  # a sequence mean: its rows past a chunk, a stats pass
+}
+
+
 @pytest.mark.skipif("cpp" not in dispatch.backends("cpu"), reason="alignfast._C is not built")
-@pytest.mark.parametrize("chunk_size", [7, 3], ids=["whole-sequences", "longer-than-a-chunk"])
-def test_ppo_full_vocab_kl_rides_along_the_policy_pass(monkeypatch, chunk_size):
+@pytest.mark.parametrize("case", list(FUSED_KL_CASES))
+def test_ppo_full_vocab_kl_rides_along_the_policy_pass(monkeypatch, case):
     """cpp: the KL penalty is formed from the policy pass's own logits blocks, beside a reference block
     of the same rows: 4 vocab projections per row (policy, reference, grad_hidden, grad_weight; one more
-    policy projection for the rows of a sequence past its first chunk), not 3 + 4 in a separate pass."""
+    policy projection for the rows of a sequence past its first chunk, where the loss is per sequence),
+    not 3 + 4 in a separate pass."""
     from alignfast.ops import kl as kl_ops
 
+    chunk_size, agg = FUSED_KL_CASES[case]
     policy, ref, labels, extra = make_rollout(FP64)
     leaves = {k: v.requires_grad_() for k, v in policy.items()}
     counts = count_calls(monkeypatch, {"policy": [(chunked, "logits_block")], "ref": [(kl_ops, "logits_block")],
                                        "products": PRODUCTS})
-    module = LinearPPOLoss(kl_estimator="full", kl_coef=0.3, backend="cpp", chunk_size=chunk_size)
+    module = LinearPPOLoss(kl_estimator="full", kl_coef=0.3, loss_agg=agg, backend="cpp", chunk_size=chunk_size)
     loss, metrics = module(leaves["hidden"], leaves["weight"], labels, extra["old_logprobs"], extra["advantages_tok"],
                            leaves["bias"], **ref)
     got = torch.autograd.grad(loss, list(leaves.values()))
     lengths = (labels != -100).sum(-1).tolist()
-    grad_blocks = sum(-(-n // chunk_size) for n in lengths) if chunk_size == 3 else counts["ref"]
+    grad_blocks = {"whole-sequences": counts["ref"], "split-sequences": -(-sum(lengths) // chunk_size),
+                   "longer-than-a-chunk": sum(-(-n // chunk_size) for n in lengths)}[case]
     assert counts["ref"] == grad_blocks > 1 and counts["products"] == 2 * grad_blocks  # one of each per block
     stats_only = counts["policy"] - grad_blocks  # the rows past a sequence's first chunk: a statistics pass
-    assert stats_only == (0 if chunk_size == 7 else sum(1 for n in lengths if n > chunk_size))
+    assert stats_only == (sum(1 for n in lengths if n > chunk_size) if case == "longer-than-a-chunk" else 0)
 
     oracle = {k: v.detach().requires_grad_() for k, v in policy.items()}
     lp, _ = token_stats(*oracle.values(), labels)
     mask = labels != -100
     kl = full_kl(*oracle.values(), *ref.values(), labels)
-    want = ppo_policy_loss(lp, extra["old_logprobs"], extra["advantages_tok"], mask, backend="torch")[0] \
-        + 0.3 * masked_mean(kl, mask.double())
+    want = ppo_policy_loss(lp, extra["old_logprobs"], extra["advantages_tok"], mask, loss_agg=agg, backend="torch")[0] \
+        + 0.3 * aggregate(kl, mask.double(), agg)
     assert_close(loss, want, rtol=1e-10, name="loss")
     for a, e, name in zip(got, torch.autograd.grad(want, list(oracle.values())), leaves):
         assert_close(a, e, rtol=1e-10, name=name)
     assert_close(metrics["kl"], masked_mean(kl, mask.double()), rtol=1e-10, name="kl metric")
+
+
+@pytest.mark.skipif("cpp" not in dispatch.backends("cpu"), reason="alignfast._C is not built")
+def test_grad_filter_eps_leaves_the_full_kl_gradient_exact():
+    """grad_filter_eps thins the policy's own gradient; carried in the same blocks, the KL's was thinned too
+    (the filter saw their sum), so it is not carried then. Zero advantages: the gradient is the KL's alone."""
+    policy, ref, labels, extra = make_rollout(FP64)
+    leaves = {k: v.requires_grad_() for k, v in policy.items()}
+    module = LinearPPOLoss(kl_estimator="full", kl_coef=0.3, backend="cpp", chunk_size=7, grad_filter_eps=1e-3)
+    loss, _ = module(leaves["hidden"], leaves["weight"], labels, extra["old_logprobs"],
+                     torch.zeros_like(extra["advantages_tok"]), leaves["bias"], **ref)
+    oracle = {k: v.detach().requires_grad_() for k, v in policy.items()}
+    want = 0.3 * masked_mean(full_kl(*oracle.values(), *ref.values(), labels), (labels != -100).double())
+    for a, e, name in zip(torch.autograd.grad(loss, list(leaves.values())),
+                          torch.autograd.grad(want, list(oracle.values())), leaves):
+        assert_close(a, e, rtol=1e-10, name=name)
 
 
 def test_ppo_full_vocab_kl_needs_reference_heads():

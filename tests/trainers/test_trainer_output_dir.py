@@ -97,7 +97,7 @@ def test_rewriting_a_checkpoint_leaves_no_aside_copy(tiny_model_dir, tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.endswith((".old", ".tmp"))]
 
 
-def test_a_moved_folder_of_runs_still_resumes(tiny_model_dir, tmp_path):
+def test_a_moved_folder_of_runs_still_resumes(tiny_model_dir, tmp_path, monkeypatch):
     """A run whose model lies beside its output_dir (cai's stages: model=<dir>/sl, output_dir=<dir>/rl)
     hashed the model's absolute path, so moving or renaming the folder holding both made --resume refuse
     its own checkpoints as another run's."""
@@ -116,6 +116,15 @@ def test_a_moved_folder_of_runs_still_resumes(tiny_model_dir, tmp_path):
     trainer(tmp_path / "after", "resume_from=latest").train()
     again = load_file(tmp_path / "after" / "rl" / "model.safetensors")
     assert all(torch.equal(finished[k], again[k]) for k in finished)
+    # a run saved before paths were hashed relative to the folder (absolute paths) still resumes
+    legacy = tmp_path / "legacy"
+    shutil.copytree(tmp_path / "after" / "sl", legacy / "sl")
+    real_hash = SFTConfig.config_hash
+    monkeypatch.setattr(SFTConfig, "config_hash", lambda self, portable=True: real_hash(self, portable=False))
+    trainer(legacy).train()
+    monkeypatch.undo()
+    os.remove(legacy / "rl" / "checkpoint-000002" / "optimizer.pt")
+    trainer(legacy, "resume_from=latest").train()
     # a model elsewhere is still a different run
     shutil.copytree(tmp_path / "after" / "sl", tmp_path / "other_model")
     cfg = load_config(SFTConfig, None, FAST + common + ["resume_from=latest"], model=str(tmp_path / "other_model"),

@@ -64,14 +64,17 @@ class _State:
     active: bool = True
 
 
-def check_options(options: dict, device: torch.device | None = None) -> None:
-    """Names, and values (the backend on `device`'s tensors), so a bad one fails now, not at the first step."""
+def check_options(options: dict) -> None:
+    """Names and values, so a bad one fails now, not at the first step. A backend is checked by name only:
+    whether it runs on the model's device is known at the first step (transformers' Trainer places the
+    model there only in `train()` under DeepSpeed, FSDP or model parallelism)."""
     unknown = set(options) - set(OPTIONS)
     if unknown:
         raise ValueError(f"unknown options {sorted(unknown)}; choose from {list(OPTIONS)}")
     check_chunk_size(options.get("chunk_size"))
-    if device is not None:
-        dispatch.resolve(options.get("backend", "auto"), device)
+    backend = options.get("backend", "auto")
+    if not isinstance(backend, str) or backend not in ("auto", *dispatch.ALL_BACKENDS):
+        raise ValueError(f"backend={backend!r} is unknown; choose 'auto' or one of {list(dispatch.ALL_BACKENDS)}")
 
 
 def check_trl_version() -> None:
@@ -93,8 +96,7 @@ def install(trainer, specs: list[tuple[nn.Module, HeadSpec]], options: dict) -> 
     targets = []
     for model, spec in specs:
         target = unwrap(model)
-        # fail now, not at the first step, on a bad option value or an unsupported head or backbone
-        check_options(options, output_head(target).weight.device)
+        output_head(target)  # fail now, not at the first step, on an unsupported head or backbone
         backbone(target)
         targets.append((target, spec, _find_trl_forward(target)))
     for target, spec, (previous, wrapped) in targets:
