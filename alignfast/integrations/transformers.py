@@ -227,7 +227,11 @@ def _fused_forward(model, *args, **kwargs):
         call["labels"] = labels
     wants_router = "output_router_logits" in _parameters(type(model).forward)
     if wants_router and call.get("output_router_logits") is None:
-        call["output_router_logits"] = getattr(model.config, "output_router_logits", False)
+        # as the model's own forward does: its default, which is None ("the config's") in most models but
+        # a fixed False in some (JetMoE in transformers 5.17, whatever the config says)
+        default = inspect.signature(type(model).forward).parameters["output_router_logits"].default
+        call["output_router_logits"] = (getattr(model.config, "output_router_logits", False)
+                                        if default is None or default is inspect.Parameter.empty else default)
     out = _call_backbone(model, call)
 
     hidden = _slice_to_keep(out[0], logits_to_keep)

@@ -126,7 +126,8 @@ def _raw_logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_mask, col
         if UPCAST:
             h = h.to(tl.float32)
             w = w.to(tl.float32)
-        z = tl.dot(h, tl.trans(w), z, input_precision=DOT_PRECISION)
+        # out_dtype named: Triton before 3.7 took fp32 whatever the accumulator (fp64 inputs failed to compile)
+        z = tl.dot(h, tl.trans(w), z, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
     if HAS_BIAS:
         z += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(acc_dtype)[None, :]
     return z
