@@ -91,7 +91,7 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"   # alignfast (and benchmar
 import importlib
 for name in ("torch", "triton", "numpy", "transformers", "accelerate", "datasets", "trl", "peft", "liger_kernel",
              "cut_cross_entropy", "pytest", "pytest_benchmark", "xdist", "pytest_timeout", "hypothesis",
-             "matplotlib", "yaml"):
+             "matplotlib", "yaml", "pyarrow", "fsspec"):
     try:
         print(f"  {name:18s} {getattr(importlib.import_module(name), '__version__', 'present')}")
     except Exception as e:  # noqa: BLE001 - a report, not a failure: the tests and cases that need it say so

@@ -290,7 +290,7 @@ def _slice_to_keep(hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:
         return hidden if logits_to_keep == 0 else hidden[:, -logits_to_keep:]
     try:
         from transformers.modeling_utils import slice_logits_to_keep
-    except ImportError:  # transformers < 5: 1-D index tensors only
+    except ImportError:  # older transformers (5.17 among them): 1-D index tensors only, as its models take
         return hidden[:, logits_to_keep]
     return slice_logits_to_keep(hidden, logits_to_keep)
 
