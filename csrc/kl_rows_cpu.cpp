@@ -120,7 +120,7 @@ void grad_rows(const KLGradParams<T>& p, int64_t begin, int64_t end) {
     const V c = splat<T>(p.g[row] / static_cast<T>(p.temperature));
     const V kl = splat<T>(REV ? T(0) : p.kl[row]);
     auto grad = [&](V x, V y) {
-      const V lp = x * inv_t - lse, lq = y * inv_t - ref_lse;
+      const V lp = rounded(x * inv_t) - lse, lq = rounded(y * inv_t) - ref_lse;  // as the stats pass stored them
       if constexpr (REV) return c * (S::exp(lp) - S::exp(lq));
       return c * S::exp(lp) * ((lp - lq) - kl);
     };

@@ -31,9 +31,9 @@ struct Temper {
   V operator()(V z, V& th) const {
     if constexpr (CAP) {
       th = Simd<T>::tanh(z * inv_cap);
-      return th * out_scale;
+      return rounded(th * out_scale);
     } else {
-      return z * out_scale;
+      return rounded(z * out_scale);  // every pass sees the same x: see simd::rounded
     }
   }
   V operator()(V z) const {

@@ -103,6 +103,18 @@ struct Simd<double> {
 template <typename T>
 using VecOf = typename Simd<T>::V;
 
+// x as stored in a T: a barrier the compiler cannot fuse across, so `rounded(z·s) − lse` never becomes
+// one FMA with the unrounded product. The grad passes must see the tempered logit the stats pass
+// stored; with the product fused, p at a one-hot row's argmax came out 1.03 at |z/T| ~ 1e5.
+template <typename V>
+inline V rounded(V x) {
+#if defined(__GNUC__) && defined(__x86_64__) && (defined(__AVX512F__) || defined(__AVX__))
+  asm("" : "+v"(x));  // one register holds the pack (64 bytes with AVX-512, 32 with AVX)
+#elif defined(__GNUC__)
+  asm("" : "+m"(x));  // several registers (a portable build): through memory
+#endif
+  return x;
+}
 template <typename T>
 inline VecOf<T> splat(T s) {
   return VecOf<T>{} + s;

@@ -198,5 +198,5 @@ def make_options(hidden, weight, targets, bias, *, temperature, softcap, ignore_
         raise ValueError("grad_filter_eps needs a fused backend (chunked, cpp, cuda, triton), not 'reference'")
     return LogitOptions(temperature=float(temperature), softcap=None if softcap is None else float(softcap),
                         backend=resolved, chunk_size=None if chunk_size is None else int(chunk_size),
-                        with_entropy=with_entropy, with_zmean=with_zmean,
+                        with_entropy=bool(with_entropy), with_zmean=bool(with_zmean),  # the C++ schema takes bools
                         grad_filter_eps=None if grad_filter_eps is None else float(grad_filter_eps))

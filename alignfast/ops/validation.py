@@ -6,6 +6,8 @@ import numbers
 
 import torch
 
+MAX_BIAS = 1e30  # beyond it, |bias|/T can overflow the entropy gradient's arithmetic (NaN)
+
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # gather/index_select take int64; int32 (what some tokenizers and collators hand out) is widened
 TARGET_DTYPES = (torch.int64, torch.int32)
@@ -70,9 +72,11 @@ def check_linear_head(hidden, weight, bias=None, *, prefix: str = "") -> None:
             raise ValueError(f"{b} must be [V]={weight.shape[0]}, got shape {_shape(bias)}")
         if bias.device != weight.device:
             raise ValueError(f"{b} is on {bias.device} but {w} is on {weight.device}")
-        if not bool(torch.isfinite(bias).all()):  # −inf masks: 0·(−inf) = NaN in entropies and gradients
-            raise ValueError(f"{b} must be finite; to mask vocabulary entries use a large negative finite "
-                             f"value (e.g. -1e4), not -inf")
+        # −inf masks: 0·(−inf) = NaN in entropies and gradients; so do near-overflow ones (finfo.min, −1e38):
+        # log p ≈ b/T times the entropy's upstream gradient overflows to −inf, then meets p = 0
+        if not bool((bias.abs() < MAX_BIAS).all()):
+            raise ValueError(f"{b} (shape {_shape(bias)}) must be finite with |entries| < {MAX_BIAS:g}; to mask vocabulary entries use a "
+                             f"large negative value such as -1e4 (not -inf or finfo.min)")
 
 
 def check_targets(targets, hidden: torch.Tensor, vocab: int, ignore_index: int, *, name: str = "targets") -> None:

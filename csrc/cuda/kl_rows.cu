@@ -114,7 +114,7 @@ __global__ void __launch_bounds__(kThreads) kl_stats_kernel(KLStatsParams<T> p) 
   const bool packed = same_alignment(z, zr);
   const int64_t scalar_end = packed ? split.head : p.vocab;
   for (int64_t i = threadIdx.x; i < scalar_end; i += kThreads) {
-    const T x[1] = {z[i] * inv_t}, y[1] = {zr[i] * inv_t};
+    const T x[1] = {mul_rn(z[i], inv_t)}, y[1] = {mul_rn(zr[i], inv_t)};
     accumulate<T, REV, 1>(acc, x, y);
   }
   if (packed) {
@@ -126,13 +126,13 @@ __global__ void __launch_bounds__(kThreads) kl_stats_kernel(KLStatsParams<T> p) 
       P::get(rv[k], y);
 #pragma unroll
       for (int j = 0; j < N; ++j) {
-        x[j] *= inv_t;
-        y[j] *= inv_t;
+        x[j] = mul_rn(x[j], inv_t);
+        y[j] = mul_rn(y[j], inv_t);
       }
       accumulate<T, REV, N>(acc, x, y);
     }
     for (int64_t i = split.tail_start + threadIdx.x; i < p.vocab; i += kThreads) {
-      const T x[1] = {z[i] * inv_t}, y[1] = {zr[i] * inv_t};
+      const T x[1] = {mul_rn(z[i], inv_t)}, y[1] = {mul_rn(zr[i], inv_t)};
       accumulate<T, REV, 1>(acc, x, y);
     }
   }
@@ -158,7 +158,7 @@ __global__ void __launch_bounds__(kThreads) kl_grad_kernel(KLGradParams<T> p) {
   const T inv_t = static_cast<T>(1.0 / p.temperature);
   const T lse = p.lse[row], ref_lse = p.ref_lse[row], c = p.g[row] * inv_t, kl = REV ? T(0) : p.kl[row];
   auto grad = [&](T zv, T yv) {
-    const T lp = zv * inv_t - lse, lq = yv * inv_t - ref_lse;
+    const T lp = mul_rn(zv, inv_t) - lse, lq = mul_rn(yv, inv_t) - ref_lse;
     return REV ? c * (fast_exp(lp) - fast_exp(lq)) : c * fast_exp(lp) * ((lp - lq) - kl);
   };
   const RowSplit<T> split(z, p.vocab);

@@ -36,6 +36,10 @@ __device__ __forceinline__ float log_(float x) { return logf(x); }
 __device__ __forceinline__ double log_(double x) { return log(x); }
 __device__ __forceinline__ float tanh_(float x) { return tanhf(x); }
 __device__ __forceinline__ double tanh_(double x) { return tanh(x); }
+// Rounded products (never fused into an FMA with what follows): every pass, stats and grad, sees the same
+// tempered logit x = z·(1/T); a half-ulp mismatch at |x| ~ 1e5 put p at a one-hot row's argmax at 1.03.
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
 template <typename T>
 __device__ __forceinline__ T neg_inf() { return -static_cast<T>(INFINITY); }
 

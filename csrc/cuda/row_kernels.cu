@@ -23,10 +23,10 @@ struct Temper {
   __device__ __forceinline__ T operator()(T z, T& th) const {
     if constexpr (CAP) {
       th = tanh_(z * inv_cap);
-      return th * out_scale;
+      return mul_rn(th, out_scale);
     } else {
       th = T(0);
-      return z * out_scale;
+      return mul_rn(z, out_scale);
     }
   }
 };

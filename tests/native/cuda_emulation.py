@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 CUDA_DIR = ROOT / "csrc" / "cuda"
 EMULATOR = Path(__file__).resolve().parent / "cuda_emulator"
-FLAGS = ["-std=c++20", "-O1", "-fPIC", "-fno-strict-aliasing", "-Wall", "-Wno-unknown-pragmas", "-pthread"]
+FLAGS = ["-std=c++20", "-O1", "-ffp-contract=off", "-fPIC", "-fno-strict-aliasing", "-Wall", "-Wno-unknown-pragmas", "-pthread"]
 LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^;{}()]*?>)?)\s*<<<(.*?)>>>\s*\(", re.DOTALL)
 
 

@@ -54,6 +54,21 @@ def test_float64_matches_torch(case, reverse):
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_grad_sees_the_tempered_logits_the_stats_saw(reverse):
+    """T = 0.05 on logits ~1e3 (one-hot rows): the grad pass must form the same rounded z/T as the stats
+    pass; fused into an FMA with the unrounded product, the gradient was off by ~0.2 where it is ~0."""
+    z, z_ref, g = blocks(8, 300, 1e3, torch.float32, seed=3)
+    z_ref.copy_(z + torch.randn(z.shape, generator=torch.Generator().manual_seed(4)) * 0.5)
+    kl, lse, ref_lse = native_rows.kl_stats(z, z_ref, 0.05, reverse)
+    dz = native_rows.kl_grad_(z.clone(), z_ref, lse, ref_lse, kl, g.float(), 0.05, reverse)
+    z64, r64 = z.double().requires_grad_(), z_ref.double()
+    lp, lq = torch.log_softmax(z64 / 0.05, -1), torch.log_softmax(r64 / 0.05, -1)
+    kl64 = (lq.exp() * (lq - lp)).sum(-1) if reverse else (lp.exp() * (lp - lq)).sum(-1)
+    (want,) = torch.autograd.grad((kl64 * g).sum(), z64)
+    assert_close(dz, want, rtol=0, atol=1e-3, name="dz")
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_grad_into_ref_leaves_z_and_writes_the_same_gradient(dtype, reverse):
     """into_ref: the gradient lands in z_ref's memory (a fused loss forms its own gradient in z meanwhile)."""

@@ -119,6 +119,22 @@ def test_grad(case, grads, dtype, layout):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("spec", [dict(temperature=0.05), dict(temperature=0.05, softcap=5e4)], ids=["T", "T-softcap"])
+def test_grad_sees_the_tempered_logits_the_stats_saw(spec, layout):
+    """Large tempered logits (|z/T| ~ 1e5, one-hot softmax rows): ∂lse/∂z = p/T sums to 1/T over each row
+    only if the grad pass forms the same rounded x = z/T as the stats pass. Fused into an FMA with the
+    unrounded product, p at the argmax came out 1.03 (silently wrong gradients at every T ≠ 1)."""
+    opts = LogitOptions(with_entropy=True, **spec)
+    block, t, g = make_block(16, 300, 5e3, torch.float32, layout=layout)
+    st = native_rows.stats(block, t, opts)
+    ones = torch.ones(16)
+    dz = native_rows.grad_(block.clone(), t, st.lse, st.entropy, None, None, ones, None, opts)
+    chain = 1 - torch.tanh(block.double() / spec["softcap"]) ** 2 if "softcap" in spec else 1.0  # ∂(c·tanh(z/c))/∂z
+    p = dz.double() * spec["temperature"] / chain
+    assert_close(p.sum(1), torch.ones(16, dtype=torch.float64), rtol=0, atol=1e-5, name="Σ_v p (from ∂lse/∂z)")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_nan_in_a_row_stays_in_that_row(layout):
     opts = LogitOptions(with_entropy=True, with_zmean=True)
     z, t, _ = make_block(20, 1000, 3.0, torch.float32, layout=layout)

@@ -40,7 +40,10 @@ BAD = {
     "uint8-targets": (args(targets=torch.randint(0, V, (5,), dtype=torch.uint8)), ValueError, r"int64 \(or int32\)"),
     "bias-dtype": (args(bias=torch.randn(V, dtype=torch.float64)), ValueError, r"bias \(torch.float64\).*same dtype"),
     "bias-minus-inf": (args(bias=torch.zeros(V).index_fill_(0, torch.tensor([3]), -math.inf)), ValueError,
-                       r"bias must be finite"),
+                       r"bias \(shape \(20,\)\) must be finite"),
+    # finfo.min / -1e38 masks: log p ~ b/T times the entropy's gradient overflowed, then met p = 0 (NaN)
+    "bias-finfo-min": (args(bias=torch.zeros(V).index_fill_(0, torch.tensor([3]), torch.finfo(torch.float32).min)),
+                       ValueError, r"\|entries\| < 1e\+30.*-1e4"),
     "ignore-index-overflow": (args(ignore_index=10**20), ValueError, r"ignore_index must be an int"),
     # int32 targets compared with 2**32 wrapped it to 0: every target 0 was taken as ignored
     "ignore-index-beyond-int32": (args(targets=torch.tensor([0, 1, 0, 5, 3], dtype=torch.int32), ignore_index=2**32),
@@ -97,3 +100,12 @@ def test_targets_on_other_device_is_reported(monkeypatch):
     # A CPU-only machine cannot make a second real device; the meta device stands in for one.
     with pytest.raises(ValueError, match="is on"):
         alignfast.linear_logprobs(torch.randn(5, H), torch.randn(V, H), torch.randint(0, V, (5,), device="meta"))
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked"] + (["cpp"] if "cpp" in alignfast.backends() else []))
+def test_truthy_flags_act_as_bools_on_every_backend(backend):
+    """A truthy non-bool return_entropy reached the C++ schema as is (an opaque RuntimeError on cpp only)."""
+    a = args()
+    got = alignfast.linear_logprobs(a["hidden"], a["weight"], a["targets"], return_entropy=1, backend=backend)
+    want = alignfast.linear_logprobs(a["hidden"], a["weight"], a["targets"], return_entropy=True, backend="reference")
+    torch.testing.assert_close(got.entropy, want.entropy)

@@ -96,6 +96,9 @@ inline double2 make_double2(double x, double y) {
   return r;
 }
 inline float __expf(float x) { return expf(x); }
+// Rounded products: the emulator's host build is compiled with -ffp-contract=off, so a plain product is.
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
 
 inline thread_local dim3 threadIdx, blockIdx;
 inline dim3 blockDim, gridDim;
