@@ -194,11 +194,15 @@ def ppo_formula(logps, ref, old_logprobs, advantages, kl_coef=0.05):
 
 
 # GRPO as TRL's GRPOTrainer (loss_type "dapo", epsilon 0.2) with beta=0.04, the k3 KL to the reference:
-# recent TRL defaults to beta=0 (no reference model); with one is the costlier row and Liger's default
+# recent TRL defaults to beta=0 (no reference model); with one is the costlier row and Liger's default.
+# The plain k3 (no ρ weighting: Liger's default, and the committed results'); the weighting costs nothing here.
+GRPO_OPTIONS = dict(loss_type="dapo", use_bias_correction_kl=False)
+
+
 def grpo_formula(logps, ref, old_logprobs, advantages, beta=0.04):
     mask = torch.ones_like(logps, dtype=torch.bool)
-    return alignfast.losses.grpo_loss(logps, old_logprobs, ref, advantages, mask, beta=beta, loss_type="dapo",
-                                      backend="torch")[0]
+    return alignfast.losses.grpo_loss(logps, old_logprobs, ref, advantages, mask, beta=beta, backend="torch",
+                                      **GRPO_OPTIONS)[0]
 
 
 def simpo_formula(logps, ref, beta=2.0, gamma=0.5):
@@ -250,7 +254,7 @@ def naive_ppo_full_kl(hidden, weight, targets, seq_len, ref_hidden, ref_weight, 
 def fused_grpo(hidden, weight, targets, seq_len, ref_hidden, ref_weight, old_logprobs, advantages, backend,
                beta=0.04):
     hid, tgt, refs = as_sequences(seq_len, hidden, targets, ref_hidden, ref_weight)
-    loss_fn = alignfast.losses.LinearGRPOLoss(beta=beta, loss_type="dapo", log_entropy=False, backend=backend)
+    loss_fn = alignfast.losses.LinearGRPOLoss(beta=beta, log_entropy=False, backend=backend, **GRPO_OPTIONS)
     return loss_fn(hid, weight, tgt, advantages, old_logprobs=old_logprobs, **refs)[0]
 
 

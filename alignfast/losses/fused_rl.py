@@ -15,7 +15,8 @@ import torch
 from alignfast.losses._reductions import LOSS_AGG_MODES, aggregate, masked_mean
 from alignfast.losses._validation import check_choice, check_finite, check_nonnegative, check_positive, check_rows
 from alignfast.losses.fused_base import LinearLossBase, SequenceBatch, check_batch
-from alignfast.losses.grpo import GRPO_LOSS_TYPES, grpo_loss
+from alignfast.losses.grpo import (GRPO_LOSS_TYPES, IMPORTANCE_SAMPLING_LEVELS, TOKEN_SUM_LOSS_TYPES, check_delta,
+                                   grpo_loss)
 from alignfast.losses.kl import KL_ESTIMATORS
 from alignfast.losses.pg_token import PG_TOKEN_BACKENDS
 from alignfast.losses.ppo import ppo_policy_loss
@@ -151,13 +152,16 @@ class LinearPPOLoss(LinearLossBase):
 
 
 class LinearGRPOLoss(LinearLossBase):
-    """GRPO (and BNPO, Dr. GRPO, DAPO) from hidden states, with TRL's normalisers.
+    """GRPO and TRL's variants (BNPO, Dr. GRPO, DAPO, LUSPO, CISPO, SAPO; GSPO's sequence-level ratio,
+    two-sided clipping) from hidden states, with TRL's normalisers.
 
     Shao et al., "DeepSeekMath" (GRPO), 2024, https://arxiv.org/abs/2402.03300:
-        l_t = −min(ρ·A, clip(ρ, 1−ε, 1+ε_high)·A) + β·k3_t, normalised per `loss_type` (see `grpo_loss`).
-    Options mirror `grpo_loss` (beta, epsilon, epsilon_high, loss_type, max_completion_length) plus
+        l_t = −min(ρ·A, clip(ρ, 1−ε, 1+ε_high)·A) + β·w·k3_t, normalised per `loss_type` (see `grpo_loss`).
+    Options mirror `grpo_loss` (beta, epsilon, epsilon_high, loss_type, max_completion_length,
+    importance_sampling_level, delta, use_bias_correction_kl, sapo_temperature_pos/neg) plus
     token_backend (the token pass's backend); `log_entropy` adds TRL's "entropy" metric (one more
-    pass per block).
+    pass per block). Chunks hold whole completions, except for a token-level ρ with a token-sum
+    normaliser (dapo, bnpo, cispo), whose chunks are token ranges.
 
     forward(hidden [B, T, H], weight [V, H], labels [B, T], advantages [B] (or [B, T]), bias=None, *,
             old_logprobs [B, T] | None (None: on-policy, π_old = π detached), ref_hidden + ref_weight
@@ -166,16 +170,25 @@ class LinearGRPOLoss(LinearLossBase):
     """
 
     def __init__(self, *, beta: float = 0.0, epsilon: float = 0.2, epsilon_high: float | None = None,
-                 loss_type: str = "dapo", max_completion_length: int | None = None, log_entropy: bool = True,
-                 token_backend: str = "auto", **options):
+                 loss_type: str = "dapo", max_completion_length: int | None = None,
+                 importance_sampling_level: str = "token", delta: float | None = None,
+                 use_bias_correction_kl: bool = True, sapo_temperature_pos: float = 1.0,
+                 sapo_temperature_neg: float = 1.05, log_entropy: bool = True, token_backend: str = "auto", **options):
         super().__init__(**options)
         check_choice("loss_type", loss_type, GRPO_LOSS_TYPES)
+        check_choice("importance_sampling_level", importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
         check_choice("token_backend", token_backend, PG_TOKEN_BACKENDS)
+        check_delta(delta, loss_type, epsilon if epsilon_high is None else epsilon_high)
+        check_positive("sapo_temperature_pos", sapo_temperature_pos)
+        check_positive("sapo_temperature_neg", sapo_temperature_neg)
         if max_completion_length is not None:
             check_positive("max_completion_length", max_completion_length)
         self.token_backend = token_backend
         self.beta, self.epsilon, self.epsilon_high = beta, epsilon, epsilon_high
         self.loss_type, self.max_completion_length, self.log_entropy = loss_type, max_completion_length, log_entropy
+        self.importance_sampling_level, self.delta = importance_sampling_level, delta
+        self.use_bias_correction_kl = use_bias_correction_kl
+        self.sapo_temperature_pos, self.sapo_temperature_neg = sapo_temperature_pos, sapo_temperature_neg
 
     def forward(self, hidden, weight, labels, advantages, bias=None, *, old_logprobs=None, ref_hidden=None,
                 ref_weight=None, ref_bias=None, ref_logps=None):
@@ -193,12 +206,17 @@ class LinearGRPOLoss(LinearLossBase):
             loss, metrics = grpo_loss(batch.logps, batch.take(old_logprobs), ref, batch.take(advantages), batch.mask,
                                       beta=self.beta, epsilon=self.epsilon, epsilon_high=self.epsilon_high,
                                       loss_type=self.loss_type, max_completion_length=max_len,
-                                      backend=self.token_backend)
+                                      importance_sampling_level=self.importance_sampling_level, delta=self.delta,
+                                      use_bias_correction_kl=self.use_bias_correction_kl,
+                                      sapo_temperature_pos=self.sapo_temperature_pos,
+                                      sapo_temperature_neg=self.sapo_temperature_neg, backend=self.token_backend)
             if batch.entropy is not None:
                 metrics["entropy"] = masked_mean(batch.entropy, batch.mask).detach()
-            share = batch.row_share if self.loss_type in ("grpo", "dr_grpo") else batch.token_share
+            share = batch.token_share if self.loss_type in TOKEN_SUM_LOSS_TYPES else batch.row_share
             return loss * share, metrics
 
+        # a sum over tokens needs no whole completions, unless ρ is the completion's (GSPO)
+        token_sum = self.loss_type in TOKEN_SUM_LOSS_TYPES and self.importance_sampling_level == "token"
         return self._loss(formula, hidden, weight, bias, labels, ref_hidden=ref_hidden, ref_weight=ref_weight,
                           ref_bias=ref_bias, ref_logps=ref_logps, ref_per_token=True, with_entropy=self.log_entropy,
-                          token_sum=self.loss_type in ("dapo", "bnpo"))
+                          token_sum=token_sum)

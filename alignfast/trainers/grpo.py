@@ -23,14 +23,17 @@ Normalisation. The base trainer divides the sums `compute_loss` returns by the g
 of the update (all its micro-batches, all processes), so each loss type's normaliser is the one of
 the whole optimizer update's mini-batch, whatever the split into micro-batches and processes:
 
-    dapo        Σ l·m / (N / k)          N = the rollout's loss tokens (all processes), k = num_mini_batches:
+    dapo, cispo Σ l·m / (N / k)          N = the rollout's loss tokens (all processes), k = num_mini_batches:
                                         every update of a rollout divides by the same number, as TRL's
                                         generation-batch normaliser (equal to the update's token mean when k = 1)
     bnpo        Σ l·m / Σ m             count_items = loss tokens (the update's token mean; TRL's bnpo
                                         normalises per micro-batch, which depends on the split)
-    grpo        Σ_i (Σ_t l·m / Σ_t m)   count_items = completions (per-sequence mean, then mean over
+    grpo, sapo  Σ_i (Σ_t l·m / Σ_t m)   count_items = completions (per-sequence mean, then mean over
                                         the update's completions; masked ones count, adding 0, as TRL)
     dr_grpo     Σ l·m / (B·L)           count_items = completions × L, L = max_new_tokens (the constant)
+    luspo       Σ_i Σ_t l·m             count_items = completions (per-sequence sum, mean over completions)
+
+`importance_sampling_level="sequence"` (GSPO), `delta` and `use_bias_correction_kl` are `grpo_loss`'s.
 
 `mask_truncated_completions`: a completion that did not end with EOS has its tokens removed from the
 loss (labels ignored); it still takes part in its group's reward statistics, as in TRL.
@@ -49,7 +52,7 @@ import torch
 from alignfast.data import IGNORE_INDEX, RolloutCollator
 from alignfast.data.collators import encode_rows
 from alignfast.losses import LinearGRPOLoss
-from alignfast.losses.grpo import GRPO_LOSS_TYPES
+from alignfast.losses.grpo import GRPO_LOSS_TYPES, IMPORTANCE_SAMPLING_LEVELS, TOKEN_SUM_LOSS_TYPES, check_delta
 from alignfast.trainers.config import opt
 from alignfast.trainers.modeling import full_head
 from alignfast.trainers.online import OnlineConfig, OnlineTrainer
@@ -66,8 +69,11 @@ class GRPOConfig(OnlineConfig):
     epsilon: float = opt(0.2, "ε: lower clip of the ratio π/π_old")
     epsilon_high: float | None = opt(None, "upper clip (DAPO's clip-higher, e.g. 0.28); default: epsilon")
     num_iterations: int = opt(1, "μ: passes (optimizer updates) over each rollout")
-    loss_type: str = opt("dapo", "dapo, bnpo (token mean of the update), grpo (per-sequence mean), "
-                                 "dr_grpo (Σ / (completions · max_new_tokens))")
+    loss_type: str = opt("dapo", "dapo, bnpo, cispo (token mean of the update), grpo, sapo (per-sequence mean), "
+                                 "dr_grpo (Σ / (completions · max_new_tokens)), luspo (per-sequence sum)")
+    importance_sampling_level: str = opt("token", "token: ρ per token; sequence: GSPO's one ρ per completion")
+    delta: float | None = opt(None, "two-sided GRPO: cap of ρ in the unclipped term (>= 1 + epsilon_high)")
+    use_bias_correction_kl: bool = opt(True, "weight the KL by ρ (TRL's default: the unbiased reverse-KL gradient)")
     scale_rewards: bool = opt(True, "divide advantages by the group's reward std (False: Dr. GRPO)")
     mask_truncated_completions: bool = opt(False, "leave completions that did not end with EOS out of the loss")
     learning_rate: float = opt(1e-6, "AdamW peak learning rate")
@@ -90,6 +96,10 @@ class GRPOConfig(OnlineConfig):
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)!r}")
         if self.epsilon_high is not None and not self.epsilon_high >= 0:
             raise ValueError(f"epsilon_high must be >= 0 or None, got {self.epsilon_high!r}")
+        if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+            raise ValueError(f"importance_sampling_level: {self.importance_sampling_level!r} is unknown; choose one "
+                             f"of {list(IMPORTANCE_SAMPLING_LEVELS)}")
+        check_delta(self.delta, self.loss_type, self.epsilon if self.epsilon_high is None else self.epsilon_high)
         if not self.temperature > 0:  # the loss needs log-probs of the sampling distribution: greedy has none
             raise ValueError(f"temperature must be > 0 for GRPO (greedy samples make every group constant), "
                              f"got {self.temperature!r}")
@@ -144,6 +154,8 @@ class GRPOTrainer(OnlineTrainer):
             raise ValueError("mask_truncated_completions: the tokenizer has no EOS token to end a completion")
         self.loss_fn = LinearGRPOLoss(beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
                                       loss_type=cfg.loss_type, max_completion_length=cfg.max_new_tokens,
+                                      importance_sampling_level=cfg.importance_sampling_level, delta=cfg.delta,
+                                      use_bias_correction_kl=cfg.use_bias_correction_kl,
                                       temperature=cfg.temperature, softcap=self.model.head().softcap,
                                       backend=cfg.backend, chunk_size=cfg.chunk_size)
         self.reference = ReferencePolicy(cfg, self.model, self.accelerator.device) if cfg.beta > 0 else None
@@ -207,14 +219,14 @@ class GRPOTrainer(OnlineTrainer):
         return targets.masked_fill(batch["keep"][:, None] == 0, IGNORE_INDEX)
 
     def update_items(self, n_global):
-        """dapo: the rollout's loss tokens over its updates per pass, the same for every update (TRL's
+        """dapo, cispo: the rollout's loss tokens over its updates per pass, the same for every update (TRL's
         generation-batch `num_items_in_batch` rescaled to one update); the others: the update's own."""
-        if self.cfg.loss_type == "dapo":
+        if self.cfg.loss_type in ("dapo", "cispo"):
             return self.rollout_items / self.cfg.num_mini_batches
         return n_global
 
     def count_items(self, batch) -> int:
-        if self.cfg.loss_type in ("dapo", "bnpo"):
+        if self.cfg.loss_type in TOKEN_SUM_LOSS_TYPES:
             return int((self.loss_targets(batch) != IGNORE_INDEX).sum())
         rows = batch["input_ids"].shape[0]
         return rows * self.cfg.max_new_tokens if self.cfg.loss_type == "dr_grpo" else rows

@@ -101,6 +101,12 @@ GRPO_CASES = {
     "grpo": dict(loss_type="grpo", beta=0.1, epsilon_high=0.28),
     "bnpo-noref": dict(loss_type="bnpo"),
     "dr_grpo": dict(loss_type="dr_grpo", beta=0.02, max_completion_length=8),
+    "gspo": dict(loss_type="grpo", importance_sampling_level="sequence", beta=0.04, delta=1.5),
+    "gspo-dapo": dict(loss_type="dapo", importance_sampling_level="sequence"),
+    "luspo": dict(loss_type="luspo", importance_sampling_level="sequence", beta=0.04, use_bias_correction_kl=False),
+    "cispo": dict(loss_type="cispo", epsilon_high=2.0, beta=0.04),
+    "sapo": dict(loss_type="sapo", sapo_temperature_neg=1.2),
+    "dapo-delta": dict(loss_type="dapo", delta=1.3, beta=0.04),
 }
 GSETTINGS = ([(c, "hidden", FP64, 7) for c in GRPO_CASES] + [(c, "token", FP32, 12) for c in ("dapo", "grpo")]
              + [(c, "hidden", FP64, 2) for c in GRPO_CASES])  # chunks shorter than every sequence
@@ -154,15 +160,18 @@ def test_grpo_three_projections(monkeypatch):
     assert counts["products"] == 2 * counts["blocks"] and counts["blocks"] > 1  # 3 projections per chunk
 
 
-@pytest.mark.parametrize("loss_type,split", [("dapo", True), ("bnpo", True), ("grpo", False), ("dr_grpo", False)])
-def test_grpo_token_means_split_long_completions(monkeypatch, loss_type, split):
+@pytest.mark.parametrize("loss_type,level,split", [
+    ("dapo", "token", True), ("bnpo", "token", True), ("cispo", "token", True), ("grpo", "token", False),
+    ("dr_grpo", "token", False), ("luspo", "token", False), ("sapo", "token", False), ("dapo", "sequence", False)])
+def test_grpo_token_means_split_long_completions(monkeypatch, loss_type, level, split):
     """Chunks of 3 tokens, completions of up to 4: a loss that is a token sum with a batch-wide normaliser
-    (dapo, bnpo) splits a completion between chunks, 3 projections per row; a per-sequence one (grpo,
-    dr_grpo) takes a statistics pass for a completion's rows past its first chunk."""
+    (dapo, bnpo, cispo) splits a completion between chunks, 3 projections per row; a per-sequence one (grpo,
+    dr_grpo, luspo, sapo; any with GSPO's per-sequence ρ) takes a statistics pass for a completion's rows
+    past its first chunk."""
     policy, ref, labels, extra = make_rollout(FP64)
     leaves = {k: v.requires_grad_() for k, v in policy.items()}
     counts = count_calls(monkeypatch, {"blocks": [(chunked, "logits_block")], "products": PRODUCTS})
-    loss, _ = LinearGRPOLoss(backend="chunked", chunk_size=3, loss_type=loss_type)(
+    loss, _ = LinearGRPOLoss(backend="chunked", chunk_size=3, loss_type=loss_type, importance_sampling_level=level)(
         leaves["hidden"], leaves["weight"], labels, extra["advantages_seq"], leaves["bias"])
     loss.backward()
     lengths = (labels != -100).sum(-1).tolist()
@@ -179,6 +188,12 @@ def test_bad_input():
         LinearGRPOLoss(beta=0.1)(policy["hidden"], policy["weight"], labels, extra["advantages_seq"])
     with pytest.raises(ValueError, match="loss_type"):
         LinearGRPOLoss(loss_type="ppo")
+    with pytest.raises(ValueError, match=r"delta must be >= 1 \+ epsilon_high"):
+        LinearGRPOLoss(delta=1.1, epsilon_high=0.28)
+    with pytest.raises(ValueError, match="delta .*clipped loss types"):
+        LinearGRPOLoss(loss_type="cispo", delta=2.0)
+    with pytest.raises(ValueError, match="importance_sampling_level"):
+        LinearGRPOLoss(importance_sampling_level="token-mean")
     with pytest.raises(ValueError, match="ref_logps"):
         LinearPPOLoss(kl_coef=0.1)(policy["hidden"], policy["weight"], labels, extra["old_logprobs"],
                                    extra["advantages_tok"], ref_logps=torch.zeros(B))

@@ -242,7 +242,7 @@ def test_grpo_loss(loss_type, beta, on_policy, backend):
     lp.requires_grad_()
     loss, metrics = grpo_loss(lp, old_d, ref_d, adv_d, mask.to(DEVICE), beta=beta, epsilon=eps,
                               epsilon_high=eps_high, loss_type=loss_type, max_completion_length=max_len,
-                              backend=backend)
+                              use_bias_correction_kl=False, backend=backend)  # the plain k3 rides in the token pass
     m, flags = mask.to(FP64), want["flags"]
     expected = {"clip_ratio/low_mean": token_mean((flags & CLIP_LOW) != 0, m),
                 "clip_ratio/high_mean": token_mean((flags & CLIP_HIGH) != 0, m),
@@ -252,6 +252,26 @@ def test_grpo_loss(loss_type, beta, on_policy, backend):
     check_loss(loss, metrics, lp, want, mask, loss_type, expected, FP64, max_len)
     if not on_policy:
         assert 0 < expected["clip_ratio/region_mean"] < 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "luspo"])
+def test_grpo_variants_on_every_backend_match_torch(loss_type, level, backend):
+    """GSPO's sequence-level ratio, two-sided clipping and the ρ-weighted KL run the token pass on log ρ:
+    every backend gives the torch backend's loss, ∂/∂logp and metrics (which test_grpo checks against TRL)."""
+    logp, old, ref, adv, mask = make_inputs(5, 8, FP64, seed=11, seq_adv=True)
+    out = {}
+    for be in ("torch", backend):
+        lp, old_d, ref_d, adv_d = dev(logp, old, ref, adv, dtype=FP64)
+        lp.requires_grad_()
+        loss, metrics = grpo_loss(lp, old_d, ref_d, adv_d, mask.to(DEVICE), beta=0.04, epsilon_high=0.28, delta=1.5,
+                                  loss_type=loss_type, importance_sampling_level=level, backend=be)
+        out[be] = (loss, torch.autograd.grad(loss, lp)[0], metrics)
+    (l0, g0, m0), (l1, g1, m1) = out["torch"], out[backend]
+    assert_close(l1, l0, rtol=1e-12, name="loss")
+    assert_close(g1, g0, rtol=1e-12, atol=1e-15, name="d loss / d logp")
+    assert m0.keys() == m1.keys() and all(m1[k].item() == pytest.approx(m0[k].item(), rel=1e-12) for k in m0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

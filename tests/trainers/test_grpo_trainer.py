@@ -86,8 +86,9 @@ def test_every_loss_type_trains(tiny_model_dir, tmp_path, loss_type):
                                          "reward_funcs=[test_grpo_trainer:contains_target]"])
     before = params(tr)
     out = tr.train()
+    ratio_metric = {"cispo": ("cispo_clip_ratio",), "sapo": ()}.get(loss_type, ("clip_ratio/region_mean",))
     for key in ("loss", "reward", "reward_std", "rewards/contains_target", "rewards/digit_fraction", "kl",
-                "entropy", "completion_length", "eos_fraction", "clip_ratio/region_mean", "grad_norm"):
+                "entropy", "completion_length", "eos_fraction", "grad_norm") + ratio_metric:
         assert math.isfinite(out[key]), (key, out)
     assert out["reward"] == pytest.approx(out["rewards/contains_target"] + 0.5 * out["rewards/digit_fraction"],
                                           abs=1e-6)
@@ -146,7 +147,8 @@ def test_update_gradient_matches_float64_reference(tiny_model_dir, tmp_path, los
             clip = ratio.clamp(1 - eps_low, 1 + eps_high)
             clipped += int(((ratio != clip) & ((ratio - clip) * adv[i] > 0)).sum())
             k3 = torch.exp(ref - lp) - (ref - lp) - 1
-            per_row.append((-torch.minimum(ratio * adv[i], clip * adv[i]) + beta * k3) * keep[i])
+            # the KL weighted by ρ (use_bias_correction_kl, TRL's default): its gradient counts even at ρ = 1
+            per_row.append((-torch.minimum(ratio * adv[i], clip * adv[i]) + beta * k3 * ratio) * keep[i])
         if loss_type == "grpo":
             loss = sum(t.sum() / max(float(keep[i]) * len(t), 1.0) for i, t in enumerate(per_row)) / len(rows)
         elif loss_type == "dapo":
