@@ -85,7 +85,10 @@ def run_case(case: Case, args, suite, raw: Path, tag: str = "", timeout: float |
             subprocess.run(cmd, cwd=machine.ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                            timeout=timeout or args.timeout or suite.timeout_s, check=False)
     except subprocess.TimeoutExpired:
-        return {"status": "error", "reason": f"timed out after {timeout or args.timeout or suite.timeout_s:.0f} s"}
+        limit = timeout or args.timeout or suite.timeout_s
+        if limit < (args.timeout or suite.timeout_s):  # the budget cut it short: not the case's failure
+            return {"status": "skipped", "reason": f"time budget of {args.budget:.0f} s spent while it ran ({limit:.0f} s)"}
+        return {"status": "error", "reason": f"timed out after {limit:.0f} s"}
     if not result_path.exists():
         tail = log_path.read_text().strip().splitlines()[-1:] or ["no output"]
         return {"status": "error", "reason": f"case process wrote no result ({tail[0][:200]}); see {log_path}"}

@@ -154,3 +154,15 @@ def test_row_kernels_table(capsys):
     sets = ["torch"] + (["native"] if native_rows.available() else [])
     assert names == ["bare mul_ (memory floor)"] + [f"{s} {k}" for s in sets for k in ("stats", "grad_")]
     assert rows[0].split("|")[3].strip() == "1.00×"
+
+
+def test_a_case_cut_short_by_the_budget_is_skipped_not_failed(tmp_path):
+    """A case started late runs until the budget ends; cut there, it is 'skipped' and the run's status 0
+    (it was an error: gpu_check.sh then failed on every run whose budget ended mid-case)."""
+    cmd = [sys.executable, "-m", "benchmarks.run", "--quick", "--impl", "naive", "--only", "linear_logprobs",
+           "--rounds", "100000", "--budget", "1", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = _rows(tmp_path)
+    assert [r["status"] for r in rows.values()] == ["skipped"], rows
+    assert "time budget of 1 s spent while it ran" in next(iter(rows.values()))["reason"]

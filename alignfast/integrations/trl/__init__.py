@@ -1,7 +1,7 @@
 """TRL's trainers with alignfast's fused log-probs: `use_alignfast(trainer)` or `Alignfast*Trainer`.
 
-Supported: TRL >= 1.16, < 2 (tested with 1.16.0). In that range `SFTTrainer`, `DPOTrainer`, `KTOTrainer`
-and `GRPOTrainer` get every per-token log-prob through one call, `model(..., labels=..., fused_lm_head=True)`,
+Supported: TRL >= 1.16, < 2 (tested with 1.16.0). In that range `SFTTrainer`, `DPOTrainer`, `KTOTrainer`,
+`GRPOTrainer` and `RLOOTrainer` get every per-token log-prob through one call, `model(..., labels=..., fused_lm_head=True)`,
 which TRL's `add_fused_lm_head` puts on the policy and reference models. That call is the one seam
 alignfast replaces (`fused_head.py`): the same `FusedCausalLMOutput`, computed from the backbone's hidden
 states and the output head by alignfast's kernels. Loss types, normalisation, metrics, generation and data
@@ -22,26 +22,28 @@ from __future__ import annotations
 
 import warnings
 
-from trl import DPOTrainer, GRPOTrainer, KTOTrainer, RewardTrainer, SFTTrainer
+from trl import DPOTrainer, GRPOTrainer, KTOTrainer, RewardTrainer, RLOOTrainer, SFTTrainer
 
-from alignfast.integrations.trl import dpo, grpo, kto, sft
+from alignfast.integrations.trl import dpo, grpo, kto, rloo, sft
 from alignfast.integrations.trl.dpo import AlignfastDPOTrainer
 from alignfast.integrations.trl.fused_head import OPTIONS, SUPPORTED_TRL, check_options, install, uninstall
 from alignfast.integrations.trl.grpo import AlignfastGRPOTrainer
 from alignfast.integrations.trl.kto import AlignfastKTOTrainer
+from alignfast.integrations.trl.rloo import AlignfastRLOOTrainer
 from alignfast.integrations.trl.sft import AlignfastSFTTrainer
 
 __all__ = ["use_alignfast", "revert", "SUPPORTED_TRL", "OPTIONS", "AlignfastSFTTrainer",
-           "AlignfastDPOTrainer", "AlignfastKTOTrainer", "AlignfastGRPOTrainer"]
+           "AlignfastDPOTrainer", "AlignfastKTOTrainer", "AlignfastGRPOTrainer", "AlignfastRLOOTrainer"]
 
 # TRL trainer class -> the heads (model, HeadSpec) its fused-LM-head calls go through.
 _HEAD_SPECS = {SFTTrainer: sft.head_specs, DPOTrainer: dpo.head_specs, KTOTrainer: kto.head_specs,
-               GRPOTrainer: grpo.head_specs}
+               GRPOTrainer: grpo.head_specs, RLOOTrainer: rloo.head_specs}
 # ... and the methods that make those calls: a subclass overriding one may make none (TRL's experimental
 # GKD and GOLD trainers subclass SFTTrainer with a loss of their own).
 _FUSED_CALLERS = {SFTTrainer: ("compute_loss",), DPOTrainer: ("_compute_loss",),
                   KTOTrainer: ("_compute_loss", "_compute_kl_logps"),
-                  GRPOTrainer: ("_get_per_token_logps_and_entropies",)}
+                  GRPOTrainer: ("_get_per_token_logps_and_entropies",),
+                  RLOOTrainer: ("_get_per_token_logps_and_entropies",)}
 
 
 def use_alignfast(trainer, **options):
