@@ -59,6 +59,28 @@ def naive_logits(hidden, weight, bias, dtype):
     return (hidden.to(dtype) @ weight.to(dtype).t() + bias.to(dtype)).double()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_at_large_tempered_logits(backend):
+    """T = 0.05 on logits whose rows are one-hot after tempering (top-2 gaps > 15 in z/T): p is one-hot to
+    fp32 rounding, so ∂(lse − ½·logprob)/∂hidden is exact only if every pass forms the same z/T. With z/T
+    fused into an FMA in the grad pass but rounded in the statistics, p at the argmax came out ~1.03 (cpp;
+    the CUDA and Triton kernels are compiled with FMA contraction too)."""
+    hidden, weight, _ = tensors((N, H), (V, H), (V,), seed=5)
+    hidden, weight = hidden * 30, weight * 30 / H**0.5   # z/T ~ 1e4: a half ulp of z/T is ~1e-3
+    targets = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(6))
+    h, w = on_device(torch.float32, hidden, weight)
+    out = alignfast.linear_logprobs(h, w, targets.to(DEVICE), temperature=0.05, return_lse=True, backend=backend)
+    got = grads((out.lse - 0.5 * out.logprobs).sum(), [h, w])  # (equal weights would cancel p's term)
+    h64, w64 = hidden.float().double().requires_grad_(), weight.float().double().requires_grad_()
+    x = (h64 @ w64.t()) / 0.05
+    top2 = x.topk(2, dim=-1).values
+    assert (top2[:, 0] - top2[:, 1]).min() > 15  # one-hot rows, to fp32 rounding (e^-15 = 3e-7)
+    logprob = x.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(x, -1)
+    want = grads((torch.logsumexp(x, -1) - 0.5 * logprob).sum(), [h64, w64])
+    for name, a, e in zip(("grad_hidden", "grad_weight"), got, want):
+        assert_close(a.cpu(), e, rtol=1e-5, atol=1e-5 * e.abs().max().item(), name=name)
+
+
 @pytest.mark.parametrize("softcap", [None, 3.0], ids=["plain", "softcap"])  # the kernels' own tanh
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("backend", BACKENDS)
