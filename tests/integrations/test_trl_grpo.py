@@ -8,44 +8,19 @@ import pytest
 import torch
 
 trl = pytest.importorskip("trl")
-datasets = pytest.importorskip("datasets")
+pytest.importorskip("datasets")
 
 from alignfast.integrations import trl as atrl  # noqa: E402
-from alignfast.models.tiny import tiny_llama, tiny_tokenizer  # noqa: E402
 from helpers import assert_close  # noqa: E402
 from trl_common import fresh_accelerate_state  # noqa: E402,F401 (autouse fixture)
-from trl_common import KernelCalls, assert_same_as_trl, common_args, words  # noqa: E402
+from trl_common import KernelCalls, assert_same_as_trl, generation_batch, online_trainer  # noqa: E402
 
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "luspo", "sapo", "vespo"]
 
 
-def letter_a(completions, **_):
-    """A reward with spread within each group, so that the advantages are not all zero."""
-    return [c.count("a") + 0.1 * len(c) for c in completions]
-
-
 def make_trainer(tmp_path, trainer_cls=None, alignfast_options=None, **overrides):
-    tok = tiny_tokenizer()
-    ref_dir = tmp_path / "ref"
-    tiny_llama(tok, seed=1).save_pretrained(ref_dir)
-    model = tiny_llama(tok, seed=0)
-    model.config._name_or_path = str(ref_dir)  # GRPOTrainer loads its reference model from here
-    g = torch.Generator().manual_seed(0)
-    rows = [{"prompt": words(g, 2, 6)} for _ in range(8)]
-    args = trl.GRPOConfig(**{**common_args(tmp_path), "per_device_train_batch_size": 8, "num_generations": 4,
-                             "max_completion_length": 6,
-                             "beta": 0.2, "temperature": 0.7, "entropy_coef": 0.01, **overrides})
-    extra = {} if trainer_cls is None else {"alignfast_options": alignfast_options}
-    dataset = datasets.Dataset.from_list(rows)
-    return (trainer_cls or trl.GRPOTrainer)(model=model, reward_funcs=letter_a, args=args,
-                                            processing_class=tok, train_dataset=dataset, **extra)
-
-
-def generation_batch(trainer):
-    """`_generate_and_score_completions` on the first batch, sampling from a fixed seed."""
-    prompts = next(iter(trainer.get_train_dataloader()))
-    torch.manual_seed(0)
-    return trainer._generate_and_score_completions(prompts)
+    return online_trainer(tmp_path, trl.GRPOTrainer, trl.GRPOConfig, trainer_cls, alignfast_options,
+                          **{"entropy_coef": 0.01, **overrides})
 
 
 def test_grpo_reference_logprobs_and_every_loss_type_equal_trls(tmp_path, monkeypatch):

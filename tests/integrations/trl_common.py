@@ -37,6 +37,38 @@ def common_args(tmp_path) -> dict:
                 use_cpu=True, logging_steps=1, save_strategy="no", dataloader_num_workers=0, bf16=False)
 
 
+def letter_a(completions, **_):
+    """A reward with spread within each group, so that the advantages are not all zero."""
+    return [c.count("a") + 0.1 * len(c) for c in completions]
+
+
+def online_trainer(tmp_path, trl_class, config_class, trainer_cls=None, alignfast_options=None, **overrides):
+    """A GRPO-style trainer (`trl_class`, or the alignfast subclass `trainer_cls`) on a tiny Llama, its reference
+    a second tiny Llama saved where TRL loads it from; 8 prompts, 4 samples each, beta 0.2, temperature 0.7."""
+    import datasets
+    from alignfast.models.tiny import tiny_llama, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    ref_dir = tmp_path / "ref"
+    tiny_llama(tok, seed=1).save_pretrained(ref_dir)
+    model = tiny_llama(tok, seed=0)
+    model.config._name_or_path = str(ref_dir)  # the trainer loads its reference model from here
+    g = torch.Generator().manual_seed(0)
+    rows = [{"prompt": words(g, 2, 6)} for _ in range(8)]
+    args = config_class(**{**common_args(tmp_path), "per_device_train_batch_size": 8, "num_generations": 4,
+                           "max_completion_length": 6, "beta": 0.2, "temperature": 0.7, **overrides})
+    extra = {} if trainer_cls is None else {"alignfast_options": alignfast_options}
+    return (trainer_cls or trl_class)(model=model, reward_funcs=letter_a, args=args, processing_class=tok,
+                                      train_dataset=datasets.Dataset.from_list(rows), **extra)
+
+
+def generation_batch(trainer):
+    """`_generate_and_score_completions` on the first batch, sampling from a fixed seed."""
+    prompts = next(iter(trainer.get_train_dataloader()))
+    torch.manual_seed(0)
+    return trainer._generate_and_score_completions(prompts)
+
+
 class KernelCalls:
     """Counts the fused passes of alignfast and of TRL's own head (`ChunkedLogProbFunction`)."""
 
