@@ -11,12 +11,13 @@ Each subclass supplies only `pair_terms`: its formula on one batch of whole pair
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 
 from alignfast.losses._reductions import batch_mean
-from alignfast.losses._validation import check_choice
+from alignfast.losses._validation import check_choice, check_finite
 from alignfast.losses.dpo import DPO_LOSSES, dpo_loss
 from alignfast.losses.fused_base import LinearLossBase, SequenceBatch, check_batch
 from alignfast.losses.preference import CPO_LOSS_TYPES, _reward_metrics, cpo_loss, orpo_loss, simpo_loss
@@ -97,7 +98,7 @@ class LinearPreferenceLoss(LinearLossBase):
 
 
 class LinearDPOLoss(LinearPreferenceLoss):
-    """DPO and its variants (every `dpo_loss` loss type) from hidden states.
+    """DPO and its variants (every `dpo_loss` loss type, or a weighted sum of several) from hidden states.
 
     Rafailov et al., "Direct Preference Optimization", NeurIPS 2023, https://arxiv.org/abs/2305.18290:
         loss = mean_pairs  ℓ(β·(u_c − u_r)),   u = log π(y|x) − log π_ref(y|x) (sums over completion tokens),
@@ -106,6 +107,10 @@ class LinearDPOLoss(LinearPreferenceLoss):
     discopop_tau, bco_running_mean); the lengths of ipo / sigmoid_norm are the completions' token
     counts. aot, aot_unpaired and bco_pair couple the pairs of a batch and take the 4-projection path.
 
+    As TRL 1.16's `DPOConfig`, `loss_type` may be a list with `loss_weights` (default 1 each): the loss is
+    Σ_k w_k·loss_k, and "sft" is a type there too, the chosen completions' token-mean NLL (RPO's term; MPO
+    is ["sigmoid", "bco_pair", "sft"]). The reward metrics are the first preference type's.
+
     Example:
         >>> loss_fn = LinearDPOLoss(beta=0.1)
         >>> loss, metrics = loss_fn(hidden, lm_head.weight, labels, ref_hidden=ref_hidden, ref_weight=ref_w)
@@ -113,28 +118,57 @@ class LinearDPOLoss(LinearPreferenceLoss):
 
     needs_reference = True
 
-    def __init__(self, *, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+    def __init__(self, *, beta: float = 0.1, loss_type: str | Sequence[str] = "sigmoid",
+                 loss_weights: Sequence[float] | None = None, label_smoothing: float = 0.0,
                  f_divergence: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5, discopop_tau: float = 0.05,
                  bco_running_mean: float | None = None, **options):
         super().__init__(**options)
-        check_choice("loss_type", loss_type, DPO_LOSSES)
+        self.loss_types, self.loss_weights = check_loss_types(loss_type, loss_weights)
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
         self.f_divergence, self.f_alpha_divergence_coef = f_divergence, f_alpha_divergence_coef
         self.discopop_tau, self.bco_running_mean = discopop_tau, bco_running_mean
 
     def separable(self) -> bool:
-        return self.loss_type not in BATCH_COUPLED_DPO_LOSSES
+        return not set(self.loss_types) & set(BATCH_COUPLED_DPO_LOSSES)
 
     def pair_terms(self, batch: SequenceBatch, chosen_tokens: int) -> PairTerms:
         chosen, rejected = batch.halves(batch.seq_logps())
         ref_chosen, ref_rejected = batch.halves(batch.ref_seq_logps())
         chosen_len, rejected_len = batch.halves(batch.lengths())
-        losses, chosen_rewards, rejected_rewards = dpo_loss(
-            chosen, rejected, ref_chosen, ref_rejected, beta=self.beta, loss_type=self.loss_type,
-            label_smoothing=self.label_smoothing, f_divergence=self.f_divergence,
-            f_alpha_divergence_coef=self.f_alpha_divergence_coef, chosen_lengths=chosen_len,
-            rejected_lengths=rejected_len, discopop_tau=self.discopop_tau, bco_running_mean=self.bco_running_mean)
-        return PairTerms(losses, _reward_metrics(chosen_rewards, rejected_rewards), chosen, rejected)
+
+        def dpo(loss_type):
+            return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=self.beta, loss_type=loss_type,
+                            label_smoothing=self.label_smoothing, f_divergence=self.f_divergence,
+                            f_alpha_divergence_coef=self.f_alpha_divergence_coef, chosen_lengths=chosen_len,
+                            rejected_lengths=rejected_len, discopop_tau=self.discopop_tau,
+                            bco_running_mean=self.bco_running_mean)
+
+        losses, rewards = 0, None
+        for loss_type, weight in zip(self.loss_types, self.loss_weights):
+            if loss_type == "sft":  # these pairs' share of the batch's chosen token-mean NLL, per pair
+                term = self.chosen_nll(batch, chosen_tokens).expand(chosen.shape[0])
+            else:
+                term, *pair_rewards = dpo(loss_type)
+                rewards = rewards or pair_rewards
+            losses = losses + weight * term
+        if rewards is None:  # "sft" alone: the rewards are still β·(log-ratio)s
+            rewards = dpo("sigmoid")[1:]
+        return PairTerms(losses, _reward_metrics(*rewards), chosen, rejected)
+
+
+def check_loss_types(loss_type, loss_weights) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    """(types, weights) of a DPO `loss_type` (a name or a list of them, "sft" among them) and its weights."""
+    types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
+    if not types:
+        raise ValueError("loss_type: give at least one DPO loss type")
+    for t in types:
+        check_choice("loss_type", t, (*DPO_LOSSES, "sft"))
+    weights = (1.0,) * len(types) if loss_weights is None else tuple(loss_weights)
+    if len(weights) != len(types):
+        raise ValueError(f"loss_weights has {len(weights)} entries for {len(types)} loss types {list(types)}")
+    for w in weights:
+        check_finite("loss_weights", w)
+    return types, tuple(float(w) for w in weights)
 
 
 class LinearSimPOLoss(LinearPreferenceLoss):

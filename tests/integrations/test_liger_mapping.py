@@ -78,6 +78,8 @@ ROWS = {
     "dpo": (liger_pair(chunked_loss.LigerFusedLinearDPOLoss, beta=0.1), ours_pair(LinearDPOLoss, beta=0.1)),
     "dpo-average_log_prob": (liger_pair(chunked_loss.LigerFusedLinearDPOLoss, beta=0.1, average_log_prob=True),
                              ours_pair(LinearDPOLoss, beta=0.1, loss_type="sigmoid_norm")),
+    "dpo-nll": (liger_pair(chunked_loss.LigerFusedLinearDPOLoss, beta=0.1, compute_nll_loss=True, alpha=0.5),
+                ours_pair(LinearDPOLoss, beta=0.1, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5])),
     "dpo-bco_pair": (liger_pair(chunked_loss.LigerFusedLinearDPOLoss, beta=0.3, loss_type="bco_pair"),
                      ours_pair(LinearDPOLoss, beta=0.3, loss_type="bco_pair", bco_running_mean=0.0)),
     "cpo-alpha": (liger_free(chunked_loss.LigerFusedLinearCPOLoss, alpha=0.5),

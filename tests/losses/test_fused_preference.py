@@ -233,3 +233,53 @@ def test_reference_free(case, dtype, chunk_size):
     cls, fn, average, nll, kw = FREE_CASES[case]
     check(cls(backend="chunked", chunk_size=chunk_size, **kw), expected_reference_free(fn, average, nll), dtype,
           "none", **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# a list of loss types with weights ("sft" among them), against TRL 1.16's DPOTrainer._compute_loss
+# ---------------------------------------------------------------------------------------------
+MIXES = {  # name: (loss types, weights, chunk size)
+    "rpo": (["sigmoid", "sft"], [1.0, 0.5], 9),            # whole pairs per chunk: 3 projections
+    "rpo-short-chunks": (["sigmoid", "sft"], [1.0, 0.5], 4),  # pairs longer than a chunk
+    "mpo": (["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0], 9),  # bco_pair couples the pairs: 4 projections
+    "sft-only": (["sft"], None, 9),
+}
+
+
+@pytest.mark.parametrize("mix", list(MIXES))
+def test_dpo_loss_type_list_matches_trl(mix):
+    from trl_standins import fake_lm, import_trl, trainer
+
+    DPOTrainer = import_trl("trl", "DPOTrainer")
+    types, weights, chunk_size = MIXES[mix]
+    policy, ref, labels = make_pairs(FP64, seed=3)
+    leaves = {k: v.requires_grad_() for k, v in policy.items()}
+    loss, metrics = LinearDPOLoss(loss_type=types, loss_weights=weights, bco_running_mean=0.0, backend="chunked",
+                                  chunk_size=chunk_size)(leaves["hidden"], leaves["weight"], labels, leaves["bias"],
+                                                         **ref)
+    oracle = {k: v.detach().clone().requires_grad_() for k, v in policy.items()}
+    per_token = token_logps(oracle["hidden"], oracle["weight"], oracle["bias"], labels)
+    ref_seq = token_logps(ref["ref_hidden"], ref["ref_weight"], ref["ref_bias"], labels).sum(-1)
+    mask = (labels != -100).long()
+    inputs = {"input_ids": torch.ones(2 * P, T + 1, dtype=torch.long), "attention_mask": torch.ones(2 * P, T + 1),
+              "completion_mask": torch.cat([torch.zeros(2 * P, 1, dtype=torch.long), mask], dim=1),
+              "ref_chosen_logps": ref_seq[:P], "ref_rejected_logps": ref_seq[P:]}
+    me = trainer(ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5,
+                 loss_types=types, loss_weights=weights or [1.0] * len(types), beta=0.1, label_smoothing=0.0,
+                 use_weighting=False, args=type("Args", (), {"discopop_tau": 0.05})())
+    want = DPOTrainer._compute_loss(me, fake_lm(per_token), inputs, False)
+    assert_close(loss, want, rtol=1e-10, name="loss vs TRL")
+    for (name, got), exp in zip(leaves.items(), torch.autograd.grad(want, list(oracle.values()))):
+        assert_close(torch.autograd.grad(loss, leaves[name], retain_graph=True)[0], exp, rtol=1e-10, name=name)
+    logged = me._metrics["eval"]
+    for key in ("rewards/chosen", "rewards/rejected"):
+        assert metrics[key].item() == pytest.approx(logged[key][0], rel=1e-6), key
+
+
+def test_dpo_loss_type_list_bad_input():
+    with pytest.raises(ValueError, match="loss_weights has 1 entries for 2 loss types"):
+        LinearDPOLoss(loss_type=["sigmoid", "sft"], loss_weights=[1.0])
+    with pytest.raises(ValueError, match="loss_type='nope'"):
+        LinearDPOLoss(loss_type=["sigmoid", "nope"])
+    with pytest.raises(ValueError, match="at least one"):
+        LinearDPOLoss(loss_type=[])
