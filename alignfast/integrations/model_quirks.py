@@ -14,7 +14,10 @@ A model whose post-processing the fused ops cannot express is marked `unsupporte
 
 Everything that happens *before* the `lm_head` (Gemma's √H embedding scale, final norms) is the
 backbone's business and needs no entry. Entries were read from the modeling files of
-transformers 5.24 (`*ForCausalLM.forward`, the lines after `self.lm_head(hidden_states)`).
+transformers 5.24 (`*ForCausalLM.forward`, the lines after `self.lm_head(hidden_states)`), and checked by a
+sweep of every causal LM of transformers 5.25 built from a tiny config against its own loss and gradients.
+Types whose loss is not "shift the labels, cross-entropy of the head's logits" are refused too: the
+seq2seq decoders (unshifted labels), the masked-LM families' prediction heads, ProphetNet.
 
 A `model_type` absent from the table is plain, unless its (text) config sets one of the known
 attribute names below, in which case that rule is applied with a one-time warning: better a loud
@@ -63,6 +66,21 @@ QUIRKS: dict[str, HeadQuirk] = {
     "chameleon": HeadQuirk(unsupported="it sets the image tokens' logits to the dtype's minimum before its loss"),
     **dict.fromkeys(("granite", "granite_swa", "granitemoe", "granitemoe_swa", "granitemoeshared",
                      "granitemoehybrid"), _GRANITE_SCALE),
+    # (from a sweep of every causal LM of transformers 5.25 against its own loss)
+    **dict.fromkeys(("beam", "gemma3n", "gemma3n_text", "gemma4", "gemma4_text", "gemma4_unified",
+                     "gemma4_unified_text"), _GEMMA_SOFTCAP),
+    "minicpm3": _GRANITE_SCALE,  # divides the hidden states by its `logits_scaling` property (bias-free head)
+    **dict.fromkeys(("bart", "mvp", "trocr", "blenderbot", "blenderbot-small", "bigbird_pegasus", "marian", "mbart",
+                     "pegasus", "plbart", "whisper", "cpmant", "xlnet", "xlm"), HeadQuirk(
+        unsupported="its loss does not shift the labels (labels[t] is the target of logits[t], the seq2seq "
+                    "decoders' convention), where the causal-LM loss shifts them")),
+    **dict.fromkeys(("bert", "ernie", "big_bird", "megatron-bert", "roc_bert", "roformer", "roberta", "data2vec-text",
+                     "roberta-prelayernorm", "camembert", "xlm-roberta", "xlm-roberta-xl", "xmod",
+                     "modernbert-decoder", "electra", "rembert"), HeadQuirk(
+        unsupported="its logits come from a prediction head (dense, activation, LayerNorm) before the output "
+                    "embeddings, which the fused ops do not apply")),
+    "prophetnet": HeadQuirk(unsupported="its logits come from n-gram predicting streams, its loss is a smoothed "
+                                        "n-gram NLL"),
 }
 
 # For architectures outside the table: attribute name -> which rule it means.

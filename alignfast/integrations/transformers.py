@@ -17,7 +17,7 @@ logit scales), is the table in `alignfast.integrations.model_quirks`. Nothing gl
 Differences from Hugging Face's loss: a batch whose labels are all -100 gives 0 (HF: NaN), and a model
 whose `loss_function` was replaced by the user is not consulted (the loss is causal-LM CE).
 
-Supported: transformers >= 4.46 (the `num_items_in_batch` convention); tested with 5.24.
+Supported: transformers >= 4.46 (the `num_items_in_batch` convention); tested with 5.25 (every causal-LM class).
 """
 from __future__ import annotations
 
@@ -93,7 +93,8 @@ def output_head(model: nn.Module) -> OutputHead:
 
 def backbone(model: nn.Module) -> nn.Module:
     """The module under the `lm_head`: `model.<base_model_prefix>` (e.g. `model.model`, GPT-2's
-    `model.transformer`, GPT-NeoX's `model.gpt_neox`), falling back to `model.get_decoder()`."""
+    `model.transformer`, GPT-NeoX's `model.gpt_neox`), falling back to `model.get_decoder()`, then to
+    `model.model` (Llama 4 and Mllama name a `language_model` prefix their causal LM class does not have)."""
     model = unwrap(model)
     base = getattr(model, "base_model", None)
     if isinstance(base, nn.Module) and base is not model:
@@ -101,6 +102,9 @@ def backbone(model: nn.Module) -> nn.Module:
     get_decoder = getattr(model, "get_decoder", None)
     if callable(get_decoder) and get_decoder() is not model:
         return get_decoder()
+    inner = getattr(model, "model", None)
+    if isinstance(inner, nn.Module) and inner is not model:
+        return inner
     raise ValueError(f"cannot find the backbone of {type(model).__name__}: no `{model.base_model_prefix}` "
                      f"attribute and no decoder")
 
@@ -172,6 +176,7 @@ def apply(model: nn.Module, **loss_options) -> nn.Module:
     _check_loss_options(loss_options)
     target = unwrap(model)
     output_head(target)  # fail now, not at the first step, on an unsupported head
+    _check_head_is_the_model_s(target)
     backbone(target)
     if is_applied(target):
         revert(target)
@@ -179,6 +184,24 @@ def apply(model: nn.Module, **loss_options) -> nn.Module:
     setattr(target, _STATE, _State(dict(loss_options), previous))
     target.forward = types.MethodType(_make_forward(type(target).forward), target)
     return model
+
+
+def _check_head_is_the_model_s(model: nn.Module) -> None:
+    """Output embeddings nested in a head module beside other layers (BERT's `cls.predictions.decoder` after
+    `cls.predictions.transform`, RoBERTa's `lm_head.decoder` after `lm_head.dense`) sit behind a transform of
+    the hidden states that the fused ops would skip: a silently different loss, for a type outside the quirks
+    table. A wrapper holding the head alone (BertGeneration's `lm_head.decoder`) is fine."""
+    head = model.get_output_embeddings()
+    path = next((name for name, module in model.named_modules() if module is head), None)
+    if path is None or "." not in path:
+        return
+    parent = model.get_submodule(path.rsplit(".", 1)[0])
+    others = [name for name, child in parent.named_children()
+              if child is not head and any(p.numel() for p in child.parameters())]
+    if others:
+        raise NotImplementedError(f"the output embeddings of {type(model).__name__} are `{path}`, inside a "
+                                  f"prediction head with other layers ({', '.join(others)}) that transform the "
+                                  f"hidden states first; the fused loss would skip them")
 
 
 def revert(model: nn.Module) -> nn.Module:

@@ -138,6 +138,47 @@ def test_heads_the_fused_ops_cannot_express_are_refused():
     assert head_constants(transformers.MptConfig(logit_scale="inv_sqrt_d_model")) == (None, 1.0, None)
 
 
+REFUSED = {  # model class, config class, config overrides, the reason's words
+    "bart": ("BartForCausalLM", "BartConfig", dict(d_model=H, decoder_layers=1, encoder_layers=1,
+                                                    decoder_attention_heads=2, encoder_attention_heads=2,
+                                                    decoder_ffn_dim=64, encoder_ffn_dim=64), "does not shift"),
+    "whisper": ("WhisperForCausalLM", "WhisperConfig", dict(d_model=H, decoder_layers=1, encoder_layers=1,
+                                                             decoder_attention_heads=2, encoder_attention_heads=2,
+                                                             decoder_ffn_dim=64, encoder_ffn_dim=64, pad_token_id=0,
+                                                             bos_token_id=1, eos_token_id=2, decoder_start_token_id=1),
+                "does not shift"),
+    "bert": ("BertLMHeadModel", "BertConfig", dict(num_attention_heads=2, is_decoder=True), "prediction head"),
+    "roberta": ("RobertaForCausalLM", "RobertaConfig", dict(num_attention_heads=2, is_decoder=True),
+                "prediction head"),
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_models_whose_loss_is_not_the_causal_lm_loss_are_refused(name):
+    """From a sweep of every causal LM in transformers 5.25: these gave a silently different loss (unshifted
+    labels; a transform before the output embeddings). Now apply refuses them, naming why."""
+    model_cls, config_cls, overrides, reason = REFUSED[name]
+    config = getattr(transformers, config_cls)(vocab_size=V, hidden_size=H, num_hidden_layers=1, intermediate_size=64,
+                                               **overrides)
+    model = getattr(transformers, model_cls)(config)
+    with pytest.raises(NotImplementedError, match=reason):
+        ait.apply(model)
+    assert not ait.is_applied(model)
+
+
+def test_an_unknown_type_with_a_nested_head_is_refused(monkeypatch):
+    """Outside the table, the structure still tells: output embeddings nested in a head module sit behind a
+    transform the fused ops would skip."""
+    from alignfast.integrations import model_quirks
+
+    monkeypatch.delitem(model_quirks.QUIRKS, "roberta")
+    model_cls, config_cls, overrides, _ = REFUSED["roberta"]
+    config = getattr(transformers, config_cls)(vocab_size=V, hidden_size=H, num_hidden_layers=1, intermediate_size=64,
+                                               **overrides)
+    with pytest.raises(NotImplementedError, match=r"`lm_head.decoder`, inside a prediction head with other layers \(dense, layer_norm\)"):
+        ait.apply(getattr(transformers, model_cls)(config))
+
+
 @pytest.mark.parametrize("cls", ["DogeConfig", "JetMoeConfig"])
 def test_router_aux_losses_of_other_conventions(cls):
     """JetMoE's aux loss is Mixtral's under another coefficient name (supported); Doge's function takes
