@@ -40,6 +40,9 @@ ARCHS = {
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {}),
     "cohere-scale": ("CohereConfig", "CohereForCausalLM", dict(logit_scale=1.7, eos_token_id=2)),
     "granite-scale": ("GraniteConfig", "GraniteForCausalLM", dict(logits_scaling=0.6)),
+    # its `base_model_prefix` names a `language_model` the causal LM class does not have: the backbone is `model`
+    "llama4-text": ("Llama4TextConfig", "Llama4ForCausalLM", dict(head_dim=16, intermediate_size_mlp=64,
+                                                                  num_local_experts=4, num_experts_per_tok=1)),
     "mixtral-router": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2,
                                                                    output_router_logits=True)),
     "falcon_h1-multiplier": ("FalconH1Config", "FalconH1ForCausalLM",
