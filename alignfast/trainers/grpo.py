@@ -80,6 +80,17 @@ class GRPOConfig(OnlineConfig):
 
     stage = "grpo"
 
+    def identity(self, portable: bool = True) -> dict:
+        """As the base's, less the options added after runs existed where their value trains as those runs
+        did (default ratio level and clipping; the KL weighting without a KL term): such runs still resume."""
+        d = super().identity(portable)
+        for key, before in (("importance_sampling_level", "token"), ("delta", None)):
+            if d.get(key) == before:
+                del d[key]
+        if self.beta == 0:
+            d.pop("use_bias_correction_kl", None)
+        return d
+
     def validate(self):
         super().validate()
         if isinstance(self.num_generations, bool) or not isinstance(self.num_generations, int) \

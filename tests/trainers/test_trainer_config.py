@@ -88,6 +88,23 @@ def test_config_hash_ignores_logging_only(tiny_model_dir):
     assert a.config_hash() == b.config_hash() != c.config_hash()
 
 
+def test_grpo_options_added_later_keep_earlier_runs_hashes(tiny_model_dir):
+    """GSPO's level, two-sided clipping and the ρ-weighted KL came after GRPO runs existed: where they train as
+    those runs did (defaults; the weighting without a KL term) they stay out of the hash, so those runs resume;
+    where they change the loss, the hash changes."""
+    from alignfast.trainers.grpo import GRPOConfig
+
+    def grpo(*overrides):
+        return load_config(GRPOConfig, None, list(overrides), model=tiny_model_dir, reward_funcs=["a:b"])
+
+    default = grpo()
+    assert not {"importance_sampling_level", "delta", "use_bias_correction_kl"} & default.identity().keys()
+    assert grpo("use_bias_correction_kl=false").config_hash() == default.config_hash()
+    assert len({default.config_hash(), grpo("delta=1.5").config_hash(),
+                grpo("importance_sampling_level=sequence").config_hash()}) == 3
+    assert grpo("beta=0.1").config_hash() != grpo("beta=0.1", "use_bias_correction_kl=false").config_hash()
+
+
 def test_a_config_built_in_python_gets_the_same_checks(tiny_model_dir):
     """Values are brought to their fields' types as from YAML; what cannot be is a ValueError naming the key."""
     cfg = SFTConfig(model=tiny_model_dir, weight_decay="0.1", seed="7", report_to="jsonl").validate()
