@@ -123,9 +123,9 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, ref_log
         # the classic token-level surrogate with its plain k3 penalty: all of it in one token pass
         terms = pg_token_terms(lp, old, ref, adv, mask, _token_options(epsilon, eps_high, delta, beta, backend, lp))
         per_token, kl = terms.loss, terms.kl
-        log_w = None
     else:
-        log_w, row_log_w = _log_importance_weights(lp, old, valid, m, per_sequence)
+        lpv = torch.where(valid, lp, zero)  # masked positions compute on zeros (padding may hold −inf)
+        log_w, row_log_w = _log_importance_weights(lpv, old, valid, m, per_sequence)
         kl = None
         if loss_type in CLIPPED_LOSS_TYPES:
             # the token pass on log ρ itself (against 0): the sequence's gradient reaches its tokens by autograd
@@ -135,7 +135,7 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, ref_log
         else:
             ratio = torch.exp(log_w)
             if loss_type == "cispo":
-                per_token = -ratio.clamp(max=eps_high).detach() * a * torch.where(valid, lp, zero)
+                per_token = -ratio.clamp(max=eps_high).detach() * a * lpv
                 with torch.no_grad():  # per sequence: every completion's ρ counts, an empty one's (1) too, as in TRL
                     metrics["cispo_clip_ratio"] = (
                         batch_mean(((torch.exp(row_log_w) > eps_high) & (adv > 0)).to(dtype)) if over_rows
@@ -145,7 +145,7 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, ref_log
                 per_token = -torch.sigmoid(tau * (ratio - 1)) * (4 / tau) * a
             per_token = torch.where(valid, per_token, zero)
         if ref is not None:
-            k3 = token_kl(torch.where(valid, lp, zero), torch.where(valid, ref, zero), "k3")
+            k3 = token_kl(lpv, torch.where(valid, ref, zero), "k3")
             kl = torch.where(valid, k3 * torch.exp(log_w) if corrected_kl else k3, zero)
             if beta:
                 per_token = per_token + beta * kl
@@ -191,15 +191,14 @@ def _token_options(epsilon, eps_high, delta, beta, backend, like: torch.Tensor) 
                             kl_coef=float(beta), backend=resolve_backend(backend, like.device))
 
 
-def _log_importance_weights(lp, old, valid, m, per_sequence: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """([B, T] log ρ, [B] per completion or None): per token (log π − log π_old; π_old = π detached
-    on-policy; 0 at masked positions), or each completion's masked mean log-ratio on all its tokens."""
-    zero = lp.new_zeros(())
-    lpv = torch.where(valid, lp, zero)
-    log_ratio = lpv - (lpv.detach() if old is None else torch.where(valid, old, zero))
+def _log_importance_weights(lpv, old, valid, m, per_sequence: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """([B, T] log ρ, [B] per completion or None) from the masked log-probs `lpv`: per token (log π − log π_old;
+    π_old = π detached on-policy; 0 at masked positions), or each completion's masked mean log-ratio on all
+    its tokens."""
+    log_ratio = lpv - (lpv.detach() if old is None else torch.where(valid, old, lpv.new_zeros(())))
     if per_sequence:
         row = masked_row_mean(log_ratio, m)
-        return row[:, None].expand_as(lp), row
+        return row[:, None].expand_as(lpv), row
     return log_ratio, None
 
 
